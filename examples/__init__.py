@@ -1,0 +1,1 @@
+"""Example web apps using tiered_sessions' middleware (imported by the tests)."""

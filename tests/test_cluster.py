@@ -1,0 +1,212 @@
+"""The core promises on a real Redis Cluster (3 masters + 3 replicas, test-owned processes), and a failover
+under load: a master SIGKILLed, its replica promoted, nothing flushed lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+import redis
+
+from tiered_sessions import SessionManager, Settings
+from tiered_sessions.embedded_cluster import LocalCluster
+from tiered_sessions.errors import BackendUnavailable, SessionLimitExceeded
+from tiered_sessions.migrate import migrate
+
+from .helpers import pg_row, pg_rows
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    local = LocalCluster()
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+async def _settings_on(url: str, database_url: str, **more: object) -> Settings:
+    schema = f"c_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=url, database_url=database_url, schema=schema, key_prefix=schema,
+                        flush_interval_secs=0.05, max_concurrent_sessions=None, drain_timeout_secs=10,
+                        socket_timeout_secs=3, **more)  # type: ignore[arg-type]
+    await migrate(settings)
+    return settings
+
+
+@pytest.fixture
+async def cluster_settings(cluster: LocalCluster, database_url: str) -> AsyncIterator[Settings]:
+    settings = await _settings_on(cluster.url, database_url)
+    yield settings
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{settings.schema}" CASCADE')
+    finally:
+        await connection.close()
+
+
+async def test_core_promises_on_a_cluster(cluster: LocalCluster, cluster_settings: Settings,
+                                          pg: asyncpg.Connection) -> None:
+    ids = [f"c-{i}" for i in range(60)]
+    async with SessionManager(settings=cluster_settings) as manager:
+        for sid in ids:
+            await manager.ensure(sid, data={"sid": sid}, user_id="u1")
+            assert await manager.update_activity(sid, request_duration_ms=2)
+        await manager.update(ids[0], data={"cart": [1, 2]})
+        # Partitions spread over every master: each holds some of the sessions.
+        for node in cluster.primaries():
+            with cluster.client(node) as client:
+                assert client.dbsize() > 0
+        assert await manager.flush() == 0
+        rows = await pg_rows(pg, cluster_settings)
+        assert len(rows) == 60 and all(rows[sid]["request_count"] == 1 for sid in ids)
+        assert json.loads(rows[ids[0]]["session_data"]) == {"sid": ids[0], "cart": [1, 2]}
+        # The cluster loses everything (FLUSHALL on every primary) and forgets the scripts: reads come back
+        # from Postgres, writes reload the scripts (NOSCRIPT) on whichever master they land on.
+        cluster.flushall()
+        for node in cluster.primaries():
+            with cluster.client(node) as client:
+                client.script_flush()
+        session = await manager.get(ids[0])
+        assert session is not None and session.data == {"sid": ids[0], "cart": [1, 2]}
+        assert await manager.update_activity(ids[1])
+        assert await manager.recover_all_sessions() == 58  # every live one but the two already back
+        assert sorted(await manager.list_ids()) == sorted(ids)
+        assert len(await manager.list_user_sessions("u1")) == 60
+        # remove: durable tombstone, never served again.
+        await manager.remove(ids[2])
+        assert await manager.get(ids[2]) is None
+        assert await manager.flush() == 0
+        row = await pg_row(pg, cluster_settings, ids[2])
+        assert row is not None and row["session_state"] == "removed"
+        row = await pg_row(pg, cluster_settings, ids[1])
+        assert row is not None and row["request_count"] == 2
+        metrics = await manager.get_session_metrics()
+        assert metrics["dirty_sessions"] == 0 and metrics["total_sessions"] == 59
+
+
+async def test_session_limit_counts_every_master(cluster_settings: Settings) -> None:
+    async with SessionManager(settings=cluster_settings, max_concurrent_sessions=20) as manager:
+        for _ in range(20):
+            await manager.ensure()  # random ids: spread over the partitions, so over the masters
+        with pytest.raises(SessionLimitExceeded, match="Maximum concurrent sessions"):
+            await manager.ensure()
+        existing = (await manager.list_ids())[0]
+        assert (await manager.ensure(existing)).session_id == existing  # an existing one is still served
+
+
+async def test_concurrent_writers_on_a_cluster_count_exactly(cluster_settings: Settings,
+                                                            pg: asyncpg.Connection) -> None:
+    ids = [f"w-{i}" for i in range(16)]
+    counted: Counter[str] = Counter()
+
+    async def writer(manager: SessionManager) -> None:
+        for _ in range(150):
+            sid = random.choice(ids)
+            if await manager.update_activity(sid, request_duration_ms=1):
+                counted[sid] += 1
+            if random.random() < 0.1:
+                await manager.update(sid, data={str(random.randint(0, 3)): 1})
+
+    async with SessionManager(settings=cluster_settings) as one, \
+            SessionManager(settings=cluster_settings) as two:
+        for sid in ids:
+            await one.ensure(sid)
+        await asyncio.gather(*(writer(m) for m in (one, two) for _ in range(4)))
+        assert await one.flush() == 0
+    rows = await pg_rows(pg, cluster_settings)
+    for sid in ids:
+        assert rows[sid]["request_count"] == counted[sid], sid
+
+
+async def test_failover_under_load_loses_nothing_flushed(database_url: str, pg: asyncpg.Connection) -> None:
+    local = LocalCluster()
+    try:
+        local.start()
+        settings = await _settings_on(local.url, database_url)
+        ids = [f"f-{i}" for i in range(200)]
+        acked: Counter[str] = Counter()
+        failed: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def load(manager: SessionManager) -> None:
+            while not stop.is_set():
+                sid = random.choice(ids)
+                try:
+                    if await manager.update_activity(sid, request_duration_ms=1):
+                        acked[sid] += 1
+                except BackendUnavailable as exc:  # the failover window: counted, not acknowledged
+                    failed.append(exc)
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0)
+
+        async with SessionManager(settings=settings) as manager:
+            for sid in ids:
+                await manager.ensure(sid)
+            tasks = [asyncio.create_task(load(manager)) for _ in range(6)]
+            await asyncio.sleep(1.0)
+            await manager.flush()  # under load: what was dirty at the call is durable, later writes may not be
+            flushed = {sid: row["request_count"] for sid, row in (await pg_rows(pg, settings)).items()}
+            victim = local.primaries()[0]
+            victim.kill()
+            killed = time.monotonic()
+            await asyncio.to_thread(local.wait_ok, 3, 20)  # its replica is promoted
+            await asyncio.sleep(1.0)  # load goes on against the new topology
+            stop.set()
+            await asyncio.gather(*tasks)
+            # Calls that found the cluster unreachable switched the manager to degraded mode (write-through to
+            # Postgres); its probe switches back once the new topology answers, replaying the journal once.
+            for _attempt in range(200):
+                with contextlib.suppress(BackendUnavailable):
+                    if (await manager.get_session_metrics())["mode"] == "normal":
+                        break
+                await asyncio.sleep(0.1)
+            print(f"failover: back to normal {time.monotonic() - killed:.1f}s after the kill")
+            # Back to normal: every call works again, and everything reaches Postgres.
+            for sid in ids:
+                for _attempt in range(50):
+                    try:
+                        assert await manager.update_activity(sid)
+                        break
+                    except BackendUnavailable:
+                        await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"{sid}: the manager did not ride through the failover")
+            assert await manager.flush() == 0
+            assert (await manager.get_session_metrics())["mode"] == "normal"
+            rows = await pg_rows(pg, settings)
+            for sid in ids:
+                session = await manager.get(sid)
+                assert session is not None
+                assert rows[sid]["request_count"] >= flushed[sid] + 1, sid  # nothing flushed was lost
+                assert rows[sid]["request_count"] == session.request_count, sid
+            assert sum(acked.values()) > 1000
+            print(f"failover: {sum(acked.values())} acknowledged, {len(failed)} failed calls")
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute(f'DROP SCHEMA IF EXISTS "{settings.schema}" CASCADE')
+        finally:
+            await connection.close()
+    finally:
+        local.stop()
+
+
+def test_cluster_url_and_setting_pick_the_cluster_client() -> None:
+    from tiered_sessions.redis_client import is_cluster, plain_url
+
+    assert is_cluster(Settings(redis_url="redis+cluster://h:7000"))
+    assert is_cluster(Settings(redis_url="rediss+cluster://h:7000"))
+    assert is_cluster(Settings(redis_url="redis://h:7000", cluster=True))
+    assert not is_cluster(Settings(redis_url="redis://h:7000"))
+    assert plain_url("rediss+cluster://:pw@h:7000/0") == "rediss://:pw@h:7000/0"
+    assert redis.__version__  # redis-py provides RedisCluster (asyncio)

@@ -1,0 +1,191 @@
+"""deploy/: the compose file passes Docker Compose's own validation, uses only commands, flags and settings the
+CLI really has; the alert rules pass promtool (syntax and unit tests); the dashboard and the alerts query only
+metrics that tiered_sessions/metrics.py defines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from tiered_sessions import cli, metrics
+from tiered_sessions.config import ENV_PREFIX, Settings
+
+from .ops_helpers import DEPLOY, ROOT, compose_binary, promtool, run
+
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tiered-sessions.json"
+OUR_IMAGE_SERVICES = ("migrate", "flusher")
+
+
+def _compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return loaded
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_compose_file_passes_docker_compose_validation() -> None:
+    binary = compose_binary()
+    checked = run([*binary, "-f", str(COMPOSE_FILE), "config", "--quiet"])
+    assert checked.returncode == 0, checked.stderr
+    normalized = json.loads(run([*binary, "-f", str(COMPOSE_FILE), "config", "--format", "json"]).stdout)
+    services = normalized["services"]
+    assert set(services) == {"redis", "postgres", "migrate", "flusher", "prometheus", "grafana"}
+    assert services["flusher"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert Path(services["flusher"]["build"]["context"]) == ROOT  # `..` from deploy/: the repository root
+
+
+def test_compose_stack_is_what_the_docs_say() -> None:
+    services = _compose()["services"]
+    redis_command = services["redis"]["command"]
+    assert services["redis"]["image"].startswith("redis:7")
+    assert _flag(redis_command, "--appendonly") == "yes" and _flag(redis_command, "--appendfsync") == "everysec"
+    assert services["postgres"]["image"].startswith("supabase/postgres:")
+    assert services["migrate"]["restart"] == "no"
+    flusher = services["flusher"]
+    assert flusher["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert "/healthz" in " ".join(flusher["healthcheck"]["test"])
+    # The port is the same everywhere: the flusher's flag, its healthcheck, its published port, Prometheus.
+    port = _flag(flusher["command"], "--metrics-port")
+    assert _flag(flusher["command"], "--metrics-host") == "0.0.0.0"  # reachable from the Prometheus container
+    assert f"127.0.0.1:{port}/healthz" in " ".join(flusher["healthcheck"]["test"])
+    assert flusher["ports"] == [f"{port}:{port}"]
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    assert [job["static_configs"][0]["targets"] for job in scrape] == [[f"flusher:{port}"]]
+    # Drain before the SIGKILL.
+    assert int(flusher["stop_grace_period"].rstrip("s")) > float(_flag(flusher["command"], "--drain-timeout"))
+    # Every bind-mounted path exists.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), volume
+
+
+def test_compose_commands_flags_and_env_vars_are_real() -> None:
+    parser = cli.build_parser()
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    services = _compose()["services"]
+    commands = [services[name]["command"] for name in OUR_IMAGE_SERVICES]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    commands.append(json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE).group(1)))  # type: ignore[union-attr]
+    for command in commands:
+        try:
+            parser.parse_args(command)  # argparse exits on an unknown command or flag, or a bad value
+        except SystemExit:
+            pytest.fail(f"`tiered-sessions {shlex.join(command)}` is not accepted by the CLI")
+    for name in OUR_IMAGE_SERVICES:
+        environment: dict[str, str] = services[name]["environment"]
+        for variable in environment:
+            assert variable.startswith(ENV_PREFIX), variable
+            assert variable[len(ENV_PREFIX):].lower() in fields, f"{variable} is no Settings field"
+        settings = Settings.from_env(environ=environment)  # and each value parses
+        assert settings.redis_url == "redis://redis:6379/0" and settings.database_url
+    assert re.search(r'^ENTRYPOINT \["tiered-sessions"\]$', dockerfile, re.MULTILINE)
+
+
+def test_dockerfile_runs_as_non_root_and_copies_what_exists() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    for path in ("pyproject.toml", "README.md", "tiered_sessions/", "migrations/"):
+        assert f"!{path}" in ignore
+
+
+def test_promtool_checks_config_and_rules_and_runs_the_alert_unit_tests() -> None:
+    tool = promtool()
+    for command in (["check", "config", str(PROMETHEUS / "prometheus.yml")],
+                    ["check", "rules", str(PROMETHEUS / "alerts.yml")],
+                    ["test", "rules", str(PROMETHEUS / "alerts_test.yml")]):
+        done = run([tool, *command])
+        assert done.returncode == 0, f"promtool {' '.join(command)}:\n{done.stdout}{done.stderr}"
+
+
+def _sample_names() -> set[str]:
+    """Every series name the tier's metrics can export (counters' _total, histograms' _bucket, ...)."""
+    names = set()
+    for metric in metrics.all_metrics():
+        for family in metric.describe():
+            suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                        "gauge": ("",)}[family.type]
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def _rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_dashboard_and_alerts_query_only_defined_metrics() -> None:
+    known = _sample_names()
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    queries = _dashboard_queries() + [rule["expr"] for rule in _rules()]
+    used = set()
+    for query in queries:
+        for name in re.findall(r"\btiered_sessions[_:][A-Za-z0-9_:]*", query):
+            assert name in known or name in recorded, f"{name} (in {query}) is not defined by metrics.py"
+            used.add(name)
+    # The dashboard shows lag, backlog, throughput, errors, read tiers and latency.
+    shown = " ".join(_dashboard_queries())
+    for name in ("tiered_sessions_flush_lag_seconds", "tiered_sessions_dirty_sessions",
+                 "tiered_sessions_flushed_rows_total", "tiered_sessions_flush_errors_total",
+                 "tiered_sessions_reads_total", "tiered_sessions_operation_duration_seconds_bucket",
+                 "tiered_sessions_live_sessions", "tiered_sessions_dead_letters_stored"):
+        assert name in shown, name
+    alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
+    assert {"TieredSessionsFlushLagHigh", "TieredSessionsBacklogGrowing", "TieredSessionsFlushErrors",
+            "TieredSessionsDeadLetters", "TieredSessionsDegradedMode", "TieredSessionsNoFlusher"} <= alerts
+    # The names in metrics.py follow Prometheus conventions.
+    for family in (f for metric in metrics.all_metrics() for f in metric.describe()):
+        assert family.name.startswith("tiered_sessions_"), family.name
+        assert not re.search(r"_(milliseconds|ms|minutes|bytes_total)$", family.name), family.name
+    assert {f.name for f in REGISTRY.collect() if f.name.startswith("tiered_sessions_")} == \
+        {f.name for metric in metrics.all_metrics() for f in metric.describe()}
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    # promtool has no "check this expression": make each query a recording rule and check the rule file.
+    rules = [{"record": f"dashboard:query_{i}", "expr": query.replace("$__rate_interval", "5m")}
+             for i, query in enumerate(_dashboard_queries())]
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = run([promtool(), "check", "rules", str(path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = datasources["datasources"][0]["uid"]
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid
+        assert all(target["datasource"]["uid"] == uid for target in panel["targets"])
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/tiered-sessions.yml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    grafana = _compose()["services"]["grafana"]
+    assert f"./grafana/dashboards:{path}:ro" in grafana["volumes"]
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{path}/{DASHBOARD.name}"

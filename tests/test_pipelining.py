@@ -1,0 +1,72 @@
+"""Automatic pipelining on real Redis: calls in one loop turn share a round trip, and each call still gets
+its own result or error."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from tiered_sessions import SessionManager, Settings
+from tiered_sessions.pipelining import AutoPipeline, pack
+
+
+async def test_concurrent_calls_share_round_trips(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No in-process flusher: its claims would share the pipeline and muddy the count.
+    async with SessionManager(settings=dataclasses.replace(settings, run_flusher=False)) as manager:
+        ids = [f"p-{i}" for i in range(100)]
+        await asyncio.gather(*(manager.ensure(sid) for sid in ids))
+        pipeline = manager._hot.pipeline  # type: ignore[union-attr]
+        batches: list[int] = []
+        original = pipeline._execute
+
+        async def counting(commands: list[tuple[object, ...]]) -> list[object]:
+            batches.append(len(commands))
+            return await original(commands)
+
+        monkeypatch.setattr(pipeline, "_execute", counting)
+        results = await asyncio.gather(*(manager.update_activity(sid, request_duration_ms=2) for sid in ids))
+        assert results == [True] * 100
+        assert sum(batches) == 100 and len(batches) <= 2  # 100 calls, one or two round trips
+        assert all(s.request_count == 1 for s in await asyncio.gather(*(manager.get(sid) for sid in ids)))
+
+
+async def test_scripts_reload_after_script_flush(manager: SessionManager, redis: aioredis.Redis) -> None:
+    await manager.ensure("reload")
+    await redis.script_flush()
+    results = await asyncio.gather(*(manager.update_activity("reload") for _ in range(10)))
+    assert results == [True] * 10
+    assert (await manager.get("reload")).request_count == 10  # type: ignore[union-attr]
+
+
+async def test_one_failing_call_does_not_fail_its_neighbours(redis_url: str, redis: aioredis.Redis) -> None:
+    await redis.set("a-string", "x")
+    pipeline = AutoPipeline(redis, timeout=5)
+    good, bad, also_good = await asyncio.gather(pipeline.command("SET", "k", "v"),
+                                                pipeline.command("HGETALL", "a-string"),
+                                                pipeline.command("GET", "k"), return_exceptions=True)
+    assert good == b"OK" and also_good == b"v"
+    assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
+
+
+async def test_redis_down_fails_every_waiting_call(settings: Settings, own_redis: object) -> None:
+    from tiered_sessions import RedisUnavailable
+    from tiered_sessions.embedded import RedisServer
+
+    assert isinstance(own_redis, RedisServer)
+    async with SessionManager(settings=settings, redis_url=own_redis.url, enable_persistence=False,
+                              socket_timeout_secs=2) as manager:
+        await manager.ensure("doomed")
+        own_redis.kill()
+        results = await asyncio.gather(*(manager.update_activity("doomed") for _ in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RedisUnavailable) for r in results)
+
+
+def test_pack_matches_resp() -> None:
+    assert pack(("SET", b"k", 12, 1.5)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    with pytest.raises(TypeError):
+        pack(("SET", object()))

@@ -1,0 +1,194 @@
+"""The write-behind promises against real servers: flush, coalescing, pinning, cold reads, deletes that
+stick, recovery after Redis loses everything."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from tiered_sessions import SessionManager, Settings
+from tiered_sessions.cold_tier import RowBatch
+
+from .helpers import pg_row, pg_rows
+
+
+async def test_seed_integration_story(settings: Settings, redis: aioredis.Redis) -> None:
+    """Create with one manager, flush, read with a second manager; again after FLUSHALL."""
+    async with SessionManager(settings=settings) as first:
+        session = await first.ensure("test-123", data={"cart": [1, 2]}, user_id="u-1")
+        await first.update_activity("test-123", request_duration_ms=200)
+        await first.flush()
+    async with SessionManager(settings=settings) as second:
+        recovered = await second.get("test-123")
+        assert recovered is not None and recovered.data == {"cart": [1, 2]} and recovered.request_count == 1
+        await redis.flushall()
+        cold = await second.get("test-123")
+        assert cold is not None
+        assert (cold.data, cold.user_id, cold.request_count, cold.total_duration_ms, cold.version) == \
+            ({"cart": [1, 2]}, "u-1", 1, 200, session.version)
+
+
+async def test_flush_writes_rows_and_acks(manager: SessionManager, settings: Settings,
+                                          pg: asyncpg.Connection, redis: aioredis.Redis) -> None:
+    session = await manager.ensure("f1", data={"n": 1}, metadata={"m": "x"}, ip_address="1.2.3.4")
+    await manager.update_activity("f1", request_duration_ms=30)
+    assert (await manager.get_session_metrics())["dirty_sessions"] >= 0
+    assert await manager.flush() == 0
+    row = await pg_row(pg, settings, "f1")
+    assert row is not None
+    assert row["version"] == session.version == 2
+    assert row["request_count"] == 1 and row["total_duration_ms"] == 30
+    assert row["session_state"] == "active" and row["ip_address"] == "1.2.3.4"
+    assert abs(row["expires_at"].timestamp() - session.expires_at) < 0.002
+    metrics = await manager.get_session_metrics()
+    assert metrics["dirty_sessions"] == 0 and metrics["flush_lag_seconds"] == 0.0
+
+
+async def test_many_updates_coalesce_into_one_row_write(settings: Settings, pg: asyncpg.Connection) -> None:
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        await manager.ensure("hot")
+        await asyncio.gather(*(manager.update_activity("hot", request_duration_ms=1) for _ in range(200)))
+        assert manager.flusher is not None
+        await manager.flush()
+        assert manager.flusher.totals.written == 1
+    row = await pg_row(pg, settings, "hot")
+    assert row is not None and row["request_count"] == 200 and row["version"] == 201
+
+
+async def test_dirty_session_is_pinned_until_acked(settings: Settings, redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings, run_flusher=False, session_timeout_secs=30) as manager:
+        await manager.ensure("pin")
+        assert manager.flusher is not None
+        key = manager.flusher.hot.keys("pin").session
+        assert await redis.pttl(key) == -1  # no TTL while dirty
+        await manager.flush()
+        assert 0 < await redis.pttl(key) <= 30_000  # the ack applied the real expiry
+
+
+async def test_expiry_shorter_than_flush_interval_is_still_flushed(settings: Settings, pg: asyncpg.Connection,
+                                                                    redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings, run_flusher=False, session_timeout_secs=0.2) as manager:
+        await manager.ensure("brief", data={"last": "state"})
+        await manager.update_activity("brief", request_duration_ms=9)
+        await asyncio.sleep(0.4)  # expired logically, but still dirty: still in Redis
+        assert await manager.get("brief") is None
+        assert await redis.exists(manager.flusher.hot.keys("brief").session) == 1  # type: ignore[union-attr]
+        await manager.flush()
+        assert await redis.exists(manager.flusher.hot.keys("brief").session) == 0  # type: ignore[union-attr]
+    row = await pg_row(pg, settings, "brief")
+    assert row is not None
+    assert row["session_state"] == "expired" and row["request_count"] == 1
+    assert row["session_data"] == '{"last": "state"}'
+
+
+async def test_remove_sticks_through_flush_flushall_and_late_writes(settings: Settings, pg: asyncpg.Connection,
+                                                                    redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings) as manager:
+        old = await manager.ensure("doomed", data={"secret": 1})
+        await manager.flush()
+        stale_version = old.version
+        await manager.remove("doomed")
+        await manager.flush()
+        row = await pg_row(pg, settings, "doomed")
+        assert row is not None and row["session_state"] == "removed" and row["session_data"] == "{}"
+        # A late flush of the old version (a slow flusher) must not bring it back.
+        assert manager.store is not None
+        late = RowBatch(session_id=["doomed"], session_data=['{"secret": 1}'], session_state=["active"],
+                        user_id=[None], user_type=[None], ip_address=[None], user_agent=[None],
+                        created_at=[time.time()], last_activity_at=[time.time()],
+                        expires_at=[time.time() + 3600], request_count=[0], total_duration_ms=[0],
+                        metadata=["{}"], version=[stale_version])
+        await manager.store.upsert_batch(late)
+        await redis.flushall()
+        assert await manager.get("doomed") is None
+        again = await manager.ensure("doomed")
+        assert again.data == {} and again.version > row["version"]
+
+
+async def test_remove_of_a_session_only_postgres_knows(settings: Settings, pg: asyncpg.Connection,
+                                                       redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings) as manager:
+        await manager.ensure("cold-remove", data={"a": 1})
+        await manager.flush()
+        await redis.flushall()
+        await manager.remove("cold-remove")
+        await manager.flush()
+        row = await pg_row(pg, settings, "cold-remove")
+        assert row is not None and row["session_state"] == "removed"
+        assert await manager.get("cold-remove") is None
+
+
+async def test_cold_read_restores_remaining_ttl_and_counts(settings: Settings, redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings, session_timeout_secs=120) as manager:
+        session = await manager.ensure("ttl")
+        await manager.update_activity("ttl", request_duration_ms=5)
+        await manager.flush()
+        expires_at = session.expires_at
+        await redis.flushall()
+        warmed = await manager.get("ttl")
+        assert warmed is session  # the held object is refreshed, not replaced
+        assert abs(warmed.expires_at - expires_at) < 0.002
+        ttl = await redis.pttl(manager.flusher.hot.keys("ttl").session)  # type: ignore[union-attr]
+        assert 100_000 < ttl <= 120_000
+        # The read-through put it back: the next read is a Redis hit with the same data.
+        assert await manager.update_activity("ttl") is True
+        assert session.request_count == 2
+
+
+async def test_update_activity_and_update_after_flushall_read_through(settings: Settings,
+                                                                      redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings) as manager:
+        await manager.ensure("rt", data={"a": 1})
+        await manager.flush()
+        await redis.flushall()
+        assert await manager.update_activity("rt", request_duration_ms=3) is True
+        await redis.flushall()
+        await manager.update("rt", data={"b": 2})
+        session = await manager.get("rt")
+        assert session is not None and session.data == {"a": 1, "b": 2}
+
+
+async def test_recover_all_sessions_after_flushall(settings: Settings, pg: asyncpg.Connection,
+                                                   redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings) as manager:
+        ids = [(await manager.ensure(data={"i": i})).session_id for i in range(250)]
+        await manager.remove(ids[0])
+        await manager.flush()
+        await redis.flushall()
+        # A write that reached Redis after the wipe must not be overwritten by recovery.
+        newer = await manager.ensure(ids[1])
+        await manager.update(ids[1], data={"i": "newer"})
+        progress: list[tuple[int, int]] = []
+        recovered = await manager.recover_all_sessions(lambda done, total: progress.append((done, total)),
+                                                       page_size=100)
+        assert recovered == 248  # 249 live in Postgres, one of them already back in Redis
+        assert progress[-1] == (249, 249) and len(progress) == 3
+        assert set(await manager.list_ids()) == set(ids[1:])
+        assert newer.data == {"i": "newer"}
+        assert (await manager.get(ids[1])) is newer and newer.data == {"i": "newer"}
+    assert len(await pg_rows(pg, settings)) == 250
+
+
+async def test_close_drains_and_run_flusher_false_leaves_work_for_a_flusher(settings: Settings,
+                                                                            pg: asyncpg.Connection) -> None:
+    manager = SessionManager(settings=settings, run_flusher=False)
+    for i in range(20):
+        await manager.ensure(f"later-{i}")
+    await manager.close()
+    assert await pg_rows(pg, settings) == {}
+    flusher = SessionManager(settings=settings, flush_interval_secs=10)
+    await flusher.start()
+    await flusher.close()  # drains what is dirty, even though its loop never got to run
+    assert len(await pg_rows(pg, settings)) == 20
+
+
+async def test_background_flusher_writes_within_a_few_intervals(manager: SessionManager, settings: Settings,
+                                                                pg: asyncpg.Connection) -> None:
+    await manager.ensure("bg", data={"v": 1})
+    deadline = time.monotonic() + 5
+    while await pg_row(pg, settings, "bg") is None:
+        assert time.monotonic() < deadline, "the background flusher never wrote the session"
+        await asyncio.sleep(0.02)

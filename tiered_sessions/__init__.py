@@ -1,0 +1,51 @@
+"""tiered_sessions: a write-behind session tier (Redis hot tier, PostgreSQL cold tier)."""
+
+from .cold_tier import PostgresSessionStore, SessionPage
+from .config import Settings
+from .errors import (
+    BackendUnavailable,
+    BackpressureError,
+    ConfigurationError,
+    InvalidSessionData,
+    InvalidSessionId,
+    LockLost,
+    LockTimeout,
+    MigrationError,
+    PostgresUnavailable,
+    RedisUnavailable,
+    SessionAlreadySaved,
+    SessionLimitExceeded,
+    SessionNotFound,
+    SessionTooLarge,
+    TieredSessionsError,
+    VersionConflict,
+)
+from .manager import SessionManager
+from .model import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "BackpressureError",
+    "ConfigurationError",
+    "InvalidSessionData",
+    "InvalidSessionId",
+    "LockLost",
+    "LockTimeout",
+    "MigrationError",
+    "PostgresSessionStore",
+    "PostgresUnavailable",
+    "RedisUnavailable",
+    "Session",
+    "SessionAlreadySaved",
+    "SessionLimitExceeded",
+    "SessionManager",
+    "SessionNotFound",
+    "SessionPage",
+    "SessionTooLarge",
+    "Settings",
+    "TieredSessionsError",
+    "VersionConflict",
+    "__version__",
+]

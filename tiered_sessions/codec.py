@@ -1,0 +1,210 @@
+"""Validation and the byte formats of a session: the Redis hash and the JSON that Postgres stores.
+
+A session is a Redis hash. Fixed fields have short names; each top-level key of ``data`` is its own field
+``d:<key>`` and each key of ``metadata`` is ``m:<key>``, holding that value's JSON. Merging a key is then an
+HSET of one field (no read-modify-write, no JSON decoding in Lua), and the flusher assembles the whole
+document for Postgres by concatenating the stored JSON values without parsing them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from .errors import InvalidSessionData, InvalidSessionId
+from .model import ACTIVE, CLOSED, REMOVED, Session
+
+if TYPE_CHECKING:
+    from .cold_tier import ColdRecord
+
+MAX_ID_LENGTH: Final = 255
+_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
+
+# Hash field names (bytes, as redis-py returns them without decode_responses).
+VERSION: Final = b"v"
+STATE: Final = b"st"
+CREATED: Final = b"c"
+LAST_ACTIVITY: Final = b"la"
+EXPIRES: Final = b"ex"
+REQUESTS: Final = b"rc"
+DURATION: Final = b"td"
+SIZE: Final = b"sz"
+FOLDED: Final = b"jv"  # newest Postgres version this copy includes (journal replay applies only newer ones)
+ATTRIBUTE_FIELDS: Final = {"user_id": b"u", "user_type": b"ut", "ip_address": b"ip", "user_agent": b"ua"}
+DATA_PREFIX: Final = "d:"
+META_PREFIX: Final = "m:"
+
+# One-letter state codes in Redis; "removed" is the tombstone that the flusher persists.
+STATE_CODES: Final = {ACTIVE: b"a", CLOSED: b"c", REMOVED: b"x"}
+CODE_STATES: Final = {code: state for state, code in STATE_CODES.items()}
+
+
+def validate_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or _ID_PATTERN.fullmatch(session_id) is None:
+        shown = repr(session_id)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise InvalidSessionId(
+            f"session id must be 1-{MAX_ID_LENGTH} characters of letters, digits and '-_.:', got {shown}"
+        )
+    return session_id
+
+
+def validate_attribute(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or "\x00" in value or len(value) > 1024:
+        raise InvalidSessionData(f"{name} must be a string of at most 1024 characters without NUL")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidSessionData(f"{name} is not valid UTF-8 (lone surrogates)") from None
+    return value
+
+
+def encode_attributes(**attributes: object) -> list[bytes | str]:
+    """The given (not None) attributes as hash field/value pairs, validated."""
+    pairs: list[bytes | str] = []
+    for name, value in attributes.items():
+        checked = validate_attribute(name, value)
+        if checked is not None:
+            pairs += (ATTRIBUTE_FIELDS[name], checked)
+    return pairs
+
+
+def partition_of(session_id: str, partitions: int) -> int:
+    return zlib.crc32(session_id.encode()) % partitions
+
+
+def check_json(value: object, path: str, depth: int = 0) -> None:
+    """Refuse anything Postgres jsonb would reject or silently change (NaN, NUL, non-JSON types)."""
+    if depth > 200:
+        raise InvalidSessionData(f"{path}: nested deeper than 200 levels")
+    if value is None or value is True or value is False:
+        return
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidSessionData(f"{path}: strings may not contain \\u0000 (jsonb refuses it)")
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise InvalidSessionData(f"{path}: integer out of the 64-bit range")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidSessionData(f"{path}: NaN and Infinity are not JSON")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_json(item, f"{path}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidSessionData(f"{path}: object keys must be strings, got {type(key).__name__}")
+            if "\x00" in key:
+                raise InvalidSessionData(f"{path}: keys may not contain \\u0000")
+            check_json(item, f"{path}.{key}", depth + 1)
+        return
+    raise InvalidSessionData(f"{path}: {type(value).__name__} is not a JSON type")
+
+
+def encode_document(document: object, prefix: str, what: str) -> list[tuple[bytes, bytes]]:
+    """A JSON object as ``(field, json)`` pairs for the hash, validated before anything is written."""
+    if not isinstance(document, Mapping):
+        raise InvalidSessionData(f"{what} must be a JSON object (a dict), got {type(document).__name__}")
+    pairs: list[tuple[bytes, bytes]] = []
+    for key, value in document.items():
+        if not isinstance(key, str):
+            raise InvalidSessionData(f"{what}: keys must be strings, got {type(key).__name__}")
+        if "\x00" in key:
+            raise InvalidSessionData(f"{what}: keys may not contain \\u0000")
+        check_json(value, f"{what}.{key}")
+        try:
+            pairs.append(((prefix + key).encode(), orjson.dumps(value)))
+        except (UnicodeEncodeError, orjson.JSONEncodeError) as exc:  # lone surrogates, nesting orjson refuses
+            raise InvalidSessionData(f"{what}.{key}: cannot be stored as JSON: {exc}") from None
+    return pairs
+
+
+def documents_json(fields: Mapping[bytes, bytes]) -> tuple[bytes, bytes]:
+    """``data`` and ``metadata`` as JSON objects in one pass over the hash, without parsing the values."""
+    data: list[bytes] = []
+    meta: list[bytes] = []
+    for key, value in fields.items():
+        if key[:2] == b"d:":
+            data.append(orjson.dumps(key[2:].decode()) + b":" + value)
+        elif key[:2] == b"m:":
+            meta.append(orjson.dumps(key[2:].decode()) + b":" + value)
+    return b"{" + b",".join(data) + b"}", b"{" + b",".join(meta) + b"}"
+
+
+def split_document(document: Mapping[str, Any], prefix: str) -> list[tuple[bytes, bytes]]:
+    """A document read back from Postgres (already valid jsonb) as hash fields."""
+    return [((prefix + key).encode(), orjson.dumps(value)) for key, value in document.items()]
+
+
+def ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def session_from_hash(session_id: str, fields: Mapping[bytes, bytes]) -> Session:
+    data: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key.startswith(b"d:"):
+            data[key[2:].decode()] = orjson.loads(value)
+        elif key.startswith(b"m:"):
+            metadata[key[2:].decode()] = orjson.loads(value)
+    attributes = {name: (fields[field].decode() if field in fields else None)
+                  for name, field in ATTRIBUTE_FIELDS.items()}
+    return Session(
+        session_id=session_id,
+        created_at=int(fields[CREATED]) / 1000,
+        last_activity=int(fields[LAST_ACTIVITY]) / 1000,
+        expires_at=int(fields[EXPIRES]) / 1000,
+        state=CODE_STATES[fields.get(STATE, b"a")],
+        request_count=int(fields.get(REQUESTS, 0)),
+        total_duration_ms=int(fields.get(DURATION, 0)),
+        data=data,
+        metadata=metadata,
+        version=int(fields[VERSION]),
+        **attributes,
+    )
+
+
+def pairs_to_dict(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A flat ``[field, value, field, value, ...]`` Lua reply as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def stored_size(pairs: list[tuple[bytes, bytes]]) -> int:
+    """What the size limit counts: the data and metadata fields as stored (names and JSON values)."""
+    return sum(len(field) + len(value) for field, value in pairs)
+
+
+def flatten(pairs: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [item for pair in pairs for item in pair]
+
+
+def hash_from_record(record: ColdRecord) -> tuple[list[bytes | str | int], int]:
+    """A live row from Postgres as hash field/value pairs for warm.lua, and its expiry in ms."""
+    documents = split_document(orjson.loads(record.data_json), DATA_PREFIX)
+    documents += split_document(orjson.loads(record.metadata_json), META_PREFIX)
+    expires_ms = ms(record.expires_at)
+    pairs: list[bytes | str | int] = [
+        VERSION, record.version, STATE, STATE_CODES.get(record.state, b"a"), CREATED, ms(record.created_at),
+        LAST_ACTIVITY, ms(record.last_activity), EXPIRES, expires_ms, REQUESTS, record.request_count,
+        DURATION, record.total_duration_ms, SIZE, stored_size(documents), FOLDED, record.version,
+    ]
+    for name, field in ATTRIBUTE_FIELDS.items():
+        value = getattr(record, name)
+        if value is not None:
+            pairs += (field, value)
+    pairs += flatten(documents)
+    return pairs, expires_ms

@@ -1,0 +1,332 @@
+"""The PostgreSQL side of the tier (asyncpg): batch upserts for the flusher, reads for read-through and
+recovery, and the seed's direct-service API (``save_session``, ``load_session``, ...) for use on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from importlib import resources
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from .codec import check_json, validate_attribute, validate_session_id
+from .config import Settings, redact_message, redact_url
+from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
+from .model import ACTIVE, STATES, Session
+
+log = logging.getLogger(__name__)
+
+# Errors worth retrying: the server or the network, not the statement.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.QueryCanceledError,  # statement_timeout on a busy server
+)
+# Connecting can also fail on the server's word (bad database, auth): report it as unreachable too.
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
+
+
+_PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
+
+
+def render_sql(text: str, **values: str) -> str:
+    """Fill ``${name}`` placeholders (identifiers from validated settings); other ``$`` (``$1``, ``$$``) stay."""
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], text)
+
+
+def load_sql(name: str, settings: Settings) -> str:
+    package = resources.files(__package__).joinpath("sql")
+    columns = package.joinpath("select_columns.sql").read_text().split("\n", 1)[1].strip()
+    return render_sql(package.joinpath(f"{name}.sql").read_text(), table=settings.qualified_table,
+                      journal=settings.qualified_journal, columns=columns)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ColdRecord:
+    """One row as read from Postgres (JSON left as text until needed)."""
+
+    session_id: str
+    data_json: str
+    state: str
+    user_id: str | None
+    user_type: str | None
+    ip_address: str | None
+    user_agent: str | None
+    created_at: float
+    last_activity: float
+    expires_at: float
+    request_count: int
+    total_duration_ms: int
+    metadata_json: str
+    version: int
+
+    def is_live(self, now: float) -> bool:
+        return self.state in ("active", "closed") and self.expires_at > now
+
+    def to_session(self) -> Session:
+        return Session(
+            session_id=self.session_id, created_at=self.created_at, last_activity=self.last_activity,
+            expires_at=self.expires_at, state=self.state, user_id=self.user_id, user_type=self.user_type,
+            ip_address=self.ip_address, user_agent=self.user_agent, request_count=self.request_count,
+            total_duration_ms=self.total_duration_ms, data=orjson.loads(self.data_json),
+            metadata=orjson.loads(self.metadata_json), version=self.version,
+        )
+
+
+class SessionPage(list[Session]):
+    """A page of ``list_sessions``: a plain list, plus ``next_cursor`` (None on the last page)."""
+
+    next_cursor: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class RowBatch:
+    """Column arrays for ``upsert_batch.sql``, one entry per session."""
+
+    session_id: list[str] = dataclasses.field(default_factory=list)
+    session_data: list[str] = dataclasses.field(default_factory=list)
+    session_state: list[str] = dataclasses.field(default_factory=list)
+    user_id: list[str | None] = dataclasses.field(default_factory=list)
+    user_type: list[str | None] = dataclasses.field(default_factory=list)
+    ip_address: list[str | None] = dataclasses.field(default_factory=list)
+    user_agent: list[str | None] = dataclasses.field(default_factory=list)
+    created_at: list[float] = dataclasses.field(default_factory=list)
+    last_activity_at: list[float] = dataclasses.field(default_factory=list)
+    expires_at: list[float] = dataclasses.field(default_factory=list)
+    request_count: list[int] = dataclasses.field(default_factory=list)
+    total_duration_ms: list[int] = dataclasses.field(default_factory=list)
+    metadata: list[str] = dataclasses.field(default_factory=list)
+    version: list[int] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.session_id)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, ...]]) -> RowBatch:
+        """Rows (values in column order) as column arrays."""
+        if not rows:
+            return cls()
+        return cls(*(list(column) for column in zip(*rows, strict=True)))
+
+    def columns(self) -> tuple[list[Any], ...]:
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+
+
+def asyncpg_dsn(url: str, statement_cache_size: int | None) -> tuple[str, int]:
+    """Strip our own ``pgbouncer=true`` hint from the URL; a pooler in transaction mode (that hint, or
+    Supavisor's port 6543) gets no server-side statement cache."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    behind_pooler = any(key == "pgbouncer" and value.lower() in ("1", "true") for key, value in query)
+    behind_pooler = behind_pooler or parts.port == 6543
+    dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "pgbouncer"])))
+    if statement_cache_size is None:
+        statement_cache_size = 0 if behind_pooler else 100
+    return dsn, statement_cache_size
+
+
+class PostgresSessionStore:
+    """The cold tier. ``async with PostgresSessionStore(url) as store: await store.load_session(id)``."""
+
+    def __init__(self, database_url: str | None = None, *, settings: Settings | None = None,
+                 **setting_overrides: Any) -> None:
+        self.settings = settings or Settings.from_env(database_url=database_url, **setting_overrides)
+        if not self.settings.database_url:
+            raise PostgresUnavailable(
+                "no PostgreSQL URL: pass database_url or set TIERED_SESSIONS_DATABASE_URL or DATABASE_URL"
+            )
+        self.url = self.settings.database_url
+        self.table = self.settings.qualified_table
+        self._pool: asyncpg.Pool | None = None
+        self._connect_lock = asyncio.Lock()
+        self.sql = {name: load_sql(name, self.settings) for name in (
+            "upsert_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state", "save",
+            "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
+            "degraded_remove", "journal_page", "journal_delete", "journal_count", "user_sessions")}
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._pool is not None:
+                return
+            dsn, cache_size = asyncpg_dsn(self.url, self.settings.pg_statement_cache_size)
+            try:
+                # min_size=0: while Postgres is down the pool does not log a failed "floor" on every attempt.
+                pool = await asyncpg.create_pool(
+                    dsn, min_size=0, max_size=self.settings.pg_pool_max_size,
+                    statement_cache_size=cache_size, command_timeout=self.settings.socket_timeout_secs,
+                    timeout=self.settings.socket_timeout_secs,
+                )
+                async with pool.acquire() as connection:
+                    exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", self.table)
+            except CONNECT_ERRORS as exc:
+                raise PostgresUnavailable(
+                    f"cannot reach PostgreSQL at {redact_url(self.url)}: {type(exc).__name__}: "
+                    f"{redact_message(str(exc), self.url)}"
+                ) from None
+            if not exists:
+                await pool.close()
+                raise MigrationError(
+                    f"table {self.table} does not exist at {redact_url(self.url)}: run `tiered-sessions migrate`"
+                )
+            self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise PostgresUnavailable("the store is not connected: await connect() first")
+        return self._pool
+
+    async def ready_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            await self.connect()
+        return self.pool
+
+    # -- the flusher's path ------------------------------------------------------------------------------
+    async def upsert_batch(self, batch: RowBatch) -> None:
+        """Write a batch in one statement; rows whose version Postgres already has (or passed) are skipped."""
+        pool = await self.ready_pool()
+        await pool.execute(self.sql["upsert_batch"], *batch.columns())
+
+    # -- read-through and recovery ------------------------------------------------------------------------
+    async def fetch(self, session_id: str) -> ColdRecord | None:
+        pool = await self.ready_pool()
+        row = await pool.fetchrow(self.sql["load"], session_id)
+        return None if row is None else ColdRecord(*row)
+
+    async def count_live(self) -> int:
+        pool = await self.ready_pool()
+        return int(await pool.fetchval(self.sql["count_live"]))
+
+    async def iter_live(self, page_size: int = 1000) -> AsyncIterator[list[ColdRecord]]:
+        """Every live session, a page at a time, by keyset pagination (stable under concurrent writes)."""
+        pool = await self.ready_pool()
+        after = ""
+        while True:
+            rows = await pool.fetch(self.sql["live_page"], after, page_size)
+            if not rows:
+                return
+            yield [ColdRecord(*row) for row in rows]
+            after = rows[-1][0]
+
+    async def user_session_ids(self, user_id: str) -> list[str]:
+        pool = await self.ready_pool()
+        return [row[0] for row in await pool.fetch(self.sql["user_sessions"], user_id)]
+
+    # -- the seed's direct-service API --------------------------------------------------------------------
+    async def save_session(self, session_id: str, session_data: Mapping[str, Any] | None = None,
+                           metadata: Mapping[str, Any] | None = None, *, state: str = ACTIVE,
+                           user_id: str | None = None, user_type: str | None = None,
+                           ip_address: str | None = None, user_agent: str | None = None,
+                           timeout_secs: float | None = None) -> int:
+        """Replace a session's data and metadata; returns its new version."""
+        validate_session_id(session_id)
+        if state not in STATES:
+            raise InvalidSessionData(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        data_json = _json_object(session_data or {}, "session_data")
+        meta_json = _json_object(metadata or {}, "metadata")
+        if len(data_json) + len(meta_json) > self.settings.max_session_bytes:
+            raise SessionTooLarge(f"session {session_id} would be {len(data_json) + len(meta_json)} bytes, "
+                                  f"over max_session_bytes={self.settings.max_session_bytes}")
+        attributes = [validate_attribute(name, value) for name, value in
+                      (("user_id", user_id), ("user_type", user_type), ("ip_address", ip_address),
+                       ("user_agent", user_agent))]
+        timeout = self.settings.session_timeout_secs if timeout_secs is None else timeout_secs
+        pool = await self.ready_pool()
+        return int(await pool.fetchval(self.sql["save"], session_id, data_json, meta_json, state,
+                                       *attributes, float(timeout)))
+
+    async def load_session(self, session_id: str) -> Session | None:
+        """The live session, or None if it does not exist, was removed or has expired."""
+        validate_session_id(session_id)
+        record = await self.fetch(session_id)
+        return record.to_session() if record is not None and record.is_live(time.time()) else None
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Tombstone the session; True if there was something to delete."""
+        validate_session_id(session_id)
+        pool = await self.ready_pool()
+        return bool(_rowcount(await pool.execute(self.sql["delete"], session_id)))
+
+    async def update_session_activity(self, session_id: str, request_duration_ms: int = 0) -> bool:
+        """Count one request in one atomic statement; False if the session is not live."""
+        validate_session_id(session_id)
+        if not isinstance(request_duration_ms, int) or request_duration_ms < 0:
+            raise InvalidSessionData("request_duration_ms must be a non-negative integer")
+        pool = await self.ready_pool()
+        return bool(_rowcount(await pool.execute(self.sql["touch"], session_id, request_duration_ms)))
+
+    async def list_sessions(self, state: str | None = None, limit: int = 100,
+                            cursor: str | None = None) -> SessionPage:
+        """A page of sessions ordered by id; pass ``page.next_cursor`` as ``cursor`` for the next one."""
+        if state is not None and state not in STATES:
+            raise InvalidSessionData(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidSessionData("limit must be an integer from 1 to 10000")
+        pool = await self.ready_pool()
+        after = cursor or ""
+        if state is None:
+            rows = await pool.fetch(self.sql["list_page"], after, limit + 1)
+        else:
+            rows = await pool.fetch(self.sql["list_page_by_state"], state, after, limit + 1)
+        page = SessionPage(ColdRecord(*row).to_session() for row in rows[:limit])
+        page.next_cursor = rows[limit - 1][0] if len(rows) > limit else None
+        return page
+
+    async def mark_expired(self) -> int:
+        pool = await self.ready_pool()
+        return _rowcount(await pool.execute(self.sql["mark_expired"]))
+
+    async def cleanup_expired_sessions(self, older_than_days: int = 7) -> int:
+        """Mark timed-out sessions expired, then delete expired and removed rows older than the retention.
+        Returns how many rows were deleted."""
+        if not isinstance(older_than_days, int) or older_than_days < 0:
+            raise InvalidSessionData("older_than_days must be a non-negative integer")
+        await self.mark_expired()
+        pool = await self.ready_pool()
+        return _rowcount(await pool.execute(self.sql["purge"], older_than_days))
+
+
+def _rowcount(status: str) -> int:
+    """asyncpg returns the command tag ("UPDATE 3"); the count is its last word."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _json_object(document: Mapping[str, Any], what: str) -> str:
+    if not isinstance(document, Mapping):
+        raise InvalidSessionData(f"{what} must be a JSON object (a dict), got {type(document).__name__}")
+    check_json(dict(document), what)
+    try:
+        return orjson.dumps(dict(document)).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidSessionData(f"{what}: cannot be stored as JSON: {exc}") from None
+
+
+__all__: Sequence[str] = ("ColdRecord", "PostgresSessionStore", "RowBatch", "SessionPage")

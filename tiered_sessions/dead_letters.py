@@ -1,0 +1,92 @@
+"""Rows Postgres rejected, kept with the reason so they can be listed, replayed or dropped.
+
+One Redis hash per partition (``{prefix}:{p7}:dead``: session id -> JSON), beside the partition's other keys.
+A dead-lettered session leaves the dirty index (so it no longer holds back the rest); its Redis copy lives
+on with its normal expiry, and the dead letter keeps the row as it was, so a replay works even after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import metrics, scripts
+from .codec import hash_from_record, partition_of
+from .cold_tier import ColdRecord
+from .hot_tier import HotTier
+
+if TYPE_CHECKING:
+    from .flusher import PendingRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    session_id: str
+    version: int
+    reason: str
+    failed_at: float
+    row: tuple[Any, ...]  # the row as the flusher tried to write it (RowBatch column order)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "version": self.version, "reason": self.reason,
+                "failed_at": self.failed_at, "row": list(self.row)}
+
+
+class DeadLetters:
+    def __init__(self, hot: HotTier) -> None:
+        self.hot = hot
+
+    def key(self, partition: int) -> str:
+        return self.hot.partition_prefix(partition) + "dead"
+
+    async def record(self, row: PendingRow, reason: str) -> None:
+        letter = DeadLetter(row.session_id, row.version, reason, time.time(), row.values)
+        await self.hot.client.hset(self.key(row.partition), row.session_id,
+                                   orjson.dumps(letter.to_dict()))
+        metrics.DEAD_LETTERS.inc()
+        log.error("session %s (version %d) dead-lettered: Postgres rejected it: %s", row.session_id,
+                  row.version, reason)
+
+    async def list(self) -> list[DeadLetter]:
+        pipe = self.hot.client.pipeline(transaction=False)
+        for partition in range(self.hot.partitions):
+            pipe.hgetall(self.key(partition))
+        letters = []
+        for stored in await pipe.execute():
+            for raw in stored.values():
+                item = orjson.loads(raw)
+                letters.append(DeadLetter(item["session_id"], item["version"], item["reason"],
+                                          item["failed_at"], tuple(item["row"])))
+        return sorted(letters, key=lambda letter: letter.failed_at)
+
+    async def replay(self, session_ids: Iterable[str] | None = None) -> int:
+        """Mark the sessions dirty again so the flusher retries them (after the cause was fixed). A session
+        Redis no longer holds is first put back from the dead letter's copy. Returns how many."""
+        letters = {letter.session_id: letter for letter in await self.list()}
+        chosen = list(letters) if session_ids is None else [sid for sid in session_ids if sid in letters]
+        now_ms = int(time.time() * 1000)
+        for sid in chosen:
+            keys = self.hot.keys(sid)
+            if not await scripts.REDIRTY(self.hot.client, [keys.session, keys.dirty], [now_ms, sid]):
+                pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))
+                await self.hot.warm(sid, expires_ms, pairs)
+                await scripts.REDIRTY(self.hot.client, [keys.session, keys.dirty], [now_ms, sid])
+            await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
+            log.info("dead letter %s replayed: dirty again", sid)
+        return len(chosen)
+
+    async def drop(self, session_ids: Iterable[str] | None = None) -> int:
+        """Forget dead letters (the sessions are not written to Postgres). Returns how many."""
+        letters = {letter.session_id for letter in await self.list()}
+        chosen = letters if session_ids is None else letters.intersection(session_ids)
+        for sid in chosen:
+            await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
+            log.warning("dead letter %s dropped", sid)
+        return len(chosen)

@@ -1,0 +1,238 @@
+"""Degraded mode: when Redis stops answering, serve from Postgres and come back to Redis safely.
+
+A circuit breaker opens on the first Redis connection error. While it is open, every write goes through to
+Postgres and is journaled in the same statement (``<table>_journal``); reads come from Postgres. A probe pings
+Redis every ``redis_probe_interval_secs``; when it answers, the journal is replayed onto Redis and only then
+does the breaker close. Replay applies an entry only to a copy that does not already include it (the hash
+field ``jv`` holds the newest Postgres version folded in), so:
+
+* Redis back **warm** (its unflushed writes intact): they and the journaled writes both count;
+* Redis back **cold**: Postgres already has every journaled write; nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import metrics
+from .codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
+from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
+from .config import Settings
+from .hot_tier import HotTier
+from .model import CLOSED, REMOVED
+from .redis_client import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+_PROBE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError, *TRANSIENT_ERRORS)
+
+
+class DegradedMode:
+    def __init__(self, hot: HotTier, store: PostgresSessionStore, settings: Settings, stop: asyncio.Event) -> None:
+        self.hot = hot
+        self.store = store
+        self.settings = settings
+        self.stop = stop
+        self.active = False
+        self.since: float | None = None
+        self.probe: asyncio.Task[None] | None = None
+        self.in_flight = 0  # write-through calls under way: their journal entries may land after a replay
+        self.idle = asyncio.Event()  # set while in_flight is 0
+        self.idle.set()
+        self.pausing = False  # switching back to Redis: new calls wait for `resumed`
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+
+    # -- the breaker --------------------------------------------------------------------------------------
+    def trip(self, error: BaseException) -> None:
+        """Open the breaker (idempotent): later calls write through to Postgres until Redis is back."""
+        if self.stop.is_set():
+            return
+        if not self.active:
+            self.active = True
+            self.since = time.time()
+            metrics.set_mode("degraded")
+            log.error("Redis unreachable (%s): degraded mode, writing through to PostgreSQL; probing Redis "
+                      "every %.1fs", error, self.settings.redis_probe_interval_secs)
+        if self.probe is None or self.probe.done():  # one probe at a time; a running one sees the new trip
+            self.probe = asyncio.get_running_loop().create_task(self._probe_until_back(), name="ts-redis-probe")
+
+    async def _probe_until_back(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.settings.redis_probe_interval_secs)
+            if self.stop.is_set():
+                return
+            try:
+                await self.hot.client.ping()
+                # Pooled connections from before the outage are dead: drop the idle ones now, or each would
+                # fail once on first use and trip the breaker again.
+                if isinstance(self.hot.client, Redis):  # the cluster client reconnects per node by itself
+                    await self.hot.client.connection_pool.disconnect(inuse_connections=False)
+            except _PROBE_ERRORS as exc:
+                metrics.BACKEND_ERRORS.labels("redis", "probe").inc()
+                log.debug("Redis still unavailable: %s", exc)
+                continue
+            try:
+                replayed = await self.replay()
+            except _PROBE_ERRORS as exc:
+                metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
+                log.warning("Redis answers but the journal replay failed (%s); staying in degraded mode, "
+                            "trying again", exc)
+                continue
+            # Switch back in two phases: new calls wait while the calls already writing through finish and
+            # the rest of the journal is replayed; only then do calls resume on Redis. (A write-through merge
+            # replayed after a newer write to Redis would put the older value back.)
+            self.pausing = True
+            self.resumed.clear()
+            try:
+                with contextlib.suppress(TimeoutError):  # bounded: a Postgres call is bounded by its timeout
+                    await asyncio.wait_for(self.idle.wait(), self.settings.socket_timeout_secs * 2)
+                try:
+                    replayed += await self.replay()
+                except _PROBE_ERRORS as exc:
+                    metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
+                    log.warning("journal replay failed while switching back (%s); staying in degraded mode", exc)
+                    continue
+                self.active = False
+                metrics.set_mode("normal")
+            finally:
+                self.pausing = False
+                self.resumed.set()
+            if self.active:  # tripped again while switching back: keep probing
+                continue
+            log.warning("Redis is back after %.1fs: replayed %d journaled writes, normal mode",
+                        time.time() - (self.since or time.time()), replayed)
+            return
+
+    async def still_active(self) -> bool:
+        """For a caller that saw ``active``: wait out a switch back to Redis, then say if still degraded."""
+        if self.pausing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.resumed.wait(), self.settings.socket_timeout_secs * 4)
+        return self.active
+
+    # -- replay -------------------------------------------------------------------------------------------
+    async def replay(self, page_size: int = 2000) -> int:
+        """Apply the journal to Redis in order, then delete what was applied (in one transaction per page,
+        so a crash mid-replay leaves the rest locked-free and the applied part marked in Redis)."""
+        total = 0
+        pool = await self.store.ready_pool()
+        async with pool.acquire() as connection:
+            while True:
+                async with connection.transaction():
+                    # One replayer at a time: entries of one session must reach Redis in version order.
+                    await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                             f"tiered_sessions:journal:{self.store.table}")
+                    rows = await connection.fetch(self.store.sql["journal_page"], page_size)
+                    if not rows:
+                        return total
+                    # In order within a session; sessions side by side, so the calls share round trips.
+                    by_session: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
+                    for _, session_id, op, args, version in rows:
+                        by_session.setdefault(session_id, []).append((op, orjson.loads(args), version))
+                    await asyncio.gather(*(self._apply_in_order(sid, entries) for sid, entries in by_session.items()))
+                    await connection.execute(self.store.sql["journal_delete"], [row[0] for row in rows])
+                    total += len(rows)
+
+    async def _apply_in_order(self, sid: str, entries: list[tuple[str, dict[str, Any], int]]) -> None:
+        for op, args, version in entries:
+            await self._apply(sid, op, args, version)
+
+    async def _apply(self, sid: str, op: str, args: dict[str, Any], version: int) -> None:
+        now_ms = int(time.time() * 1000)
+        if op == "touch":
+            await self.hot.touch(sid, now_ms, int(args["duration_ms"]), journal_version=version)
+        elif op == "merge":
+            pairs = [item for pair in split_document(args["data"], DATA_PREFIX)
+                     + split_document(args["metadata"], META_PREFIX) for item in pair]
+            state = STATE_CODES[args["state"]] if args.get("state") else b""
+            reply = await self.hot.update(sid, now_ms, state=state, pairs=pairs,
+                                          attributes=encode_attributes(**args["attributes"]),
+                                          journal_version=version)
+            if isinstance(reply, list) and int(reply[0]) == -2:
+                metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
+                log.error("replay of a merge into %s refused by the size limit; Postgres has it, Redis not", sid)
+        elif op == "remove":
+            await self.hot.remove(sid, now_ms, check_cold=True, min_version=0, journal_version=version)
+        elif op == "create":
+            # A new life made in Postgres: a dead copy in Redis must not hide it (a live one is the session).
+            key = self.hot.keys(sid).session
+            current, expires, folded = await self.hot.client.hmget(key, [STATE, b"ex", FOLDED])
+            dead = current == STATE_CODES[REMOVED] or (expires is not None and int(expires) <= now_ms)
+            if current is not None and dead and int(folded or 0) < version:
+                await self.hot.client.delete(key)
+        else:
+            log.error("unknown journal operation %r for %s: skipped", op, sid)
+
+    # -- write-through operations -------------------------------------------------------------------------
+    async def load(self, sid: str) -> ColdRecord | None:
+        record = await self.store.fetch(sid)
+        return record if record is not None and record.is_live(time.time()) else None
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Mark a write-through call as under way (see ``in_flight``)."""
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def ensure(self, sid: str, fresh: bool, data: dict[str, Any], metadata: dict[str, Any],
+                     attributes: dict[str, str | None]) -> ColdRecord:
+        async with self.writing():
+            return await self._ensure(sid, fresh, data, metadata, attributes)
+
+    async def _ensure(self, sid: str, fresh: bool, data: dict[str, Any], metadata: dict[str, Any],
+                      attributes: dict[str, str | None]) -> ColdRecord:
+        if not fresh:
+            record = await self.load(sid)
+            if record is not None:
+                return record
+        pool = await self.store.ready_pool()
+        await pool.fetchval(self.store.sql["degraded_create"], sid, orjson.dumps(data).decode(),
+                            orjson.dumps(metadata).decode(), attributes.get("user_id"),
+                            attributes.get("user_type"), attributes.get("ip_address"),
+                            attributes.get("user_agent"), self.settings.session_timeout_secs)
+        record = await self.load(sid)  # created now, or by someone else a moment ago
+        assert record is not None
+        return record
+
+    async def touch(self, sid: str, duration_ms: int) -> bool:
+        async with self.writing():
+            pool = await self.store.ready_pool()
+            version = await pool.fetchval(self.store.sql["degraded_touch"], sid, duration_ms,
+                                          self.settings.session_timeout_secs)
+        return version is not None
+
+    async def merge(self, sid: str, data: dict[str, Any], metadata: dict[str, Any],
+                    attributes: dict[str, str | None], closed: bool | None) -> int | None:
+        """The new version, or None if the session is not live or the merge would pass the size limit."""
+        state = None if closed is None else (CLOSED if closed else "active")
+        async with self.writing():
+            pool = await self.store.ready_pool()
+            version = await pool.fetchval(
+                self.store.sql["degraded_merge"], sid, orjson.dumps(data).decode(),
+                orjson.dumps(metadata).decode(), attributes.get("user_id"), attributes.get("user_type"),
+                attributes.get("ip_address"), attributes.get("user_agent"), state, self.settings.max_session_bytes)
+        return None if version is None else int(version)
+
+    async def remove(self, sid: str) -> None:
+        async with self.writing():
+            pool = await self.store.ready_pool()
+            await pool.fetchval(self.store.sql["degraded_remove"], sid)
+
+    async def pending(self) -> int:
+        pool = await self.store.ready_pool()
+        return int(await pool.fetchval(self.store.sql["journal_count"]))

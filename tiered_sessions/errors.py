@@ -1,0 +1,78 @@
+"""Every error tiered_sessions raises on purpose is one of these classes."""
+
+from __future__ import annotations
+
+
+class TieredSessionsError(Exception):
+    """Base class of the library's errors."""
+
+
+class InvalidSessionId(TieredSessionsError, ValueError):
+    """A session id is empty, too long, not a string, or has characters outside ``[A-Za-z0-9-_.:]``."""
+
+
+class InvalidSessionData(TieredSessionsError, ValueError):
+    """Data or metadata that cannot be stored as PostgreSQL jsonb (not a JSON object, NaN, NUL, ...)."""
+
+
+class SessionTooLarge(InvalidSessionData):
+    """The session (data + metadata as stored) would exceed ``max_session_bytes``."""
+
+
+class SessionNotFound(TieredSessionsError, KeyError):
+    """The session does not exist, was removed, or has expired."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the plain message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class SessionLimitExceeded(TieredSessionsError, RuntimeError):
+    """``max_concurrent_sessions`` live sessions exist already."""
+
+
+class BackpressureError(TieredSessionsError, RuntimeError):
+    """The dirty backlog is past its high watermark and did not drain within the writer's timeout."""
+
+
+class ConfigurationError(TieredSessionsError, ValueError):
+    """A setting is missing or out of range."""
+
+
+class BackendUnavailable(TieredSessionsError, ConnectionError):
+    """Redis or PostgreSQL cannot be reached. The message names which, with the URL minus its password."""
+
+
+class RedisUnavailable(BackendUnavailable):
+    """Redis cannot be reached."""
+
+
+class PostgresUnavailable(BackendUnavailable):
+    """PostgreSQL cannot be reached."""
+
+
+class MigrationError(TieredSessionsError, RuntimeError):
+    """A migration failed, or the existing table is not compatible with the sessions table."""
+
+
+class EmbeddedServerError(TieredSessionsError, RuntimeError):
+    """An embedded Redis or PostgreSQL server could not be found or started."""
+
+
+class VersionConflict(TieredSessionsError):
+    """An update's ``expected_version`` is not the session's version: someone else changed it first."""
+
+    def __init__(self, message: str, current_version: int | None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class LockTimeout(TieredSessionsError, TimeoutError):
+    """``SessionManager.lock`` waited its ``timeout`` and the session's lock was still held by someone else."""
+
+
+class LockLost(TieredSessionsError, RuntimeError):
+    """A session lock's lease ran out while it was held: the block it guarded was not exclusive to its end."""
+
+
+class SessionAlreadySaved(TieredSessionsError, RuntimeError):
+    """The web middleware saved the session when the response started; later changes would be lost."""

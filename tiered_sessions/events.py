@@ -1,0 +1,66 @@
+"""Lifecycle events: ``created``, ``removed`` and ``expired``, delivered to async callbacks at least once.
+
+They come from the data, not from Redis keyspace notifications (lost on restarts and on clusters):
+``created`` from the manager that created the session, when the call returns; ``removed`` and ``expired``
+from the flusher, for each tombstone or expired row it writes, before it acks (a crash means another
+delivery later), and ``expired`` also from ``cleanup_stale_sessions`` for sessions that expired after their
+last flush. Duplicates are possible; callbacks should be idempotent. A failing callback is logged and
+counted; it never fails the call that emitted the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+
+from . import metrics
+from .model import Session
+
+log = logging.getLogger(__name__)
+KINDS = ("created", "removed", "expired")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionEvent:
+    kind: str
+    session_id: str
+    session: Session | None  # the last state known (None when nothing is left of it)
+
+
+Listener = Callable[[SessionEvent], Awaitable[None]]
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self.listeners: dict[str, list[Listener]] = {kind: [] for kind in KINDS}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def subscribe(self, kind: str, listener: Listener) -> Listener:
+        if not asyncio.iscoroutinefunction(listener) and not callable(listener):
+            raise TypeError("a listener must be an async callable taking a SessionEvent")
+        self.listeners[kind].append(listener)
+        return listener
+
+    def wants(self, kind: str) -> bool:
+        return bool(self.listeners[kind])
+
+    def emit(self, kind: str, session_id: str, session: Session | None) -> None:
+        event = SessionEvent(kind, session_id, session)
+        for listener in self.listeners[kind]:
+            task = asyncio.get_running_loop().create_task(self._deliver(listener, event))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _deliver(self, listener: Listener, event: SessionEvent) -> None:
+        try:
+            await listener(event)
+        except Exception:
+            metrics.EVENT_ERRORS.labels(event.kind).inc()
+            log.exception("%s listener failed for session %s", event.kind, event.session_id)
+
+    async def drain(self, timeout: float) -> None:
+        """Let deliveries in flight finish (close() calls this)."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout)

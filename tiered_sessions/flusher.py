@@ -1,0 +1,383 @@
+"""The write-behind loop: claim the oldest dirty sessions, write them in one version-guarded statement per
+batch, then ack (clear the dirty mark only where the version is unchanged). A crash anywhere leaves the
+sessions dirty in Redis for the next pass; a replay is harmless thanks to the version guard.
+
+Many flushers share the partitions through leases (``{prefix}:{pN}:lease``, ``SET NX PX``, renewed each pass).
+The loop works only on partitions it holds, and the ack is fenced: it clears nothing unless the lease is still
+ours. Each flusher heartbeats into ``{prefix}:flushers`` and aims at its fair share of the partitions (live
+flushers sorted by id; the first ``partitions % n`` take one more), releasing extras so joiners get some.
+An on-demand ``drain()`` (``flush()``, ``close()``) works on every partition; see ``drain``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
+
+from . import metrics
+from .codec import ATTRIBUTE_FIELDS, CREATED, DURATION, EXPIRES, LAST_ACTIVITY, REQUESTS, STATE, VERSION, documents_json
+from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore, RowBatch
+from .config import Settings
+from .dead_letters import DeadLetters
+from .hot_tier import DirtyEntry, HotTier
+from .redis_client import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+
+# Postgres rejected the row itself (SQLSTATE classes 22 and 23): isolate it, don't retry it.
+ROW_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Anything else (servers down, a dropped table, missing rights) is retried with backoff until fixed:
+# the sessions stay dirty in Redis meanwhile, and the flusher never dies of it.
+RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, asyncpg.PostgresError, *TRANSIENT_ERRORS)
+_STATE_NAMES = {b"a": "active", b"c": "closed", b"x": "removed"}
+
+
+@dataclasses.dataclass(slots=True)
+class PassResult:
+    claimed: int = 0   # dirty entries read
+    written: int = 0   # rows sent to Postgres
+    acked: int = 0     # dirty marks cleared
+    dead: int = 0      # rows Postgres rejected, now in the dead-letter store
+    full: bool = False  # some partition had more than one batch waiting
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PendingRow:
+    """One dirty session as the row the flusher writes (values in RowBatch column order)."""
+
+    partition: int
+    session_id: str
+    version: int
+    kind: str  # upsert, tombstone or expired (the metric's label)
+    values: tuple[Any, ...]
+
+
+def pending_row(partition: int, entry: DirtyEntry, now: float) -> PendingRow | None:
+    fields = entry.fields
+    if VERSION not in fields:
+        return None
+    expires = int(fields[EXPIRES]) / 1000
+    state = _STATE_NAMES[fields.get(STATE, b"a")]
+    if state == "removed":
+        kind, data, meta = "tombstone", "{}", "{}"
+    else:
+        data_json, meta_json = documents_json(fields)
+        data, meta = data_json.decode(), meta_json.decode()
+        kind = "upsert"
+        if expires <= now:
+            kind = state = "expired"
+    version = int(fields[VERSION])
+    values = (entry.session_id, data, state, _text(fields.get(ATTRIBUTE_FIELDS["user_id"])),
+              _text(fields.get(ATTRIBUTE_FIELDS["user_type"])), _text(fields.get(ATTRIBUTE_FIELDS["ip_address"])),
+              _text(fields.get(ATTRIBUTE_FIELDS["user_agent"])), int(fields[CREATED]) / 1000,
+              int(fields[LAST_ACTIVITY]) / 1000, expires, int(fields.get(REQUESTS, 0)),
+              int(fields.get(DURATION, 0)), meta, version)
+    return PendingRow(partition, entry.session_id, version, kind, values)
+
+
+def _by_partition(rows: list[PendingRow]) -> dict[int, list[tuple[str, int]]]:
+    acks: dict[int, list[tuple[str, int]]] = {}
+    for row in rows:
+        acks.setdefault(row.partition, []).append((row.session_id, row.version))
+    return acks
+
+
+class Flusher:
+    def __init__(self, hot: HotTier, cold: PostgresSessionStore, settings: Settings) -> None:
+        self.hot = hot
+        self.cold = cold
+        self.batch_size = settings.flush_batch_size
+        self.write_concurrency = max(1, min(4, settings.pg_pool_max_size))  # upserts in flight at once
+        self.interval = settings.flush_interval_secs
+        self.partitions = list(range(settings.partitions))
+        self.lease_secs = settings.lease_secs
+        self.lease_ms = max(1, int(settings.lease_secs * 1000))
+        # The lease token: unique per Flusher object, readable in Redis when debugging who owns what.
+        self.flusher_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[int] = set()  # partitions whose lease this flusher holds (as of its last renewal)
+        self.totals = PassResult()  # since start, for summaries (the metrics hold the same per process)
+        self.dead_letters = DeadLetters(hot)
+        # Called for every tombstone or expired row written, before the ack (lifecycle events).
+        self.on_written: Callable[[PendingRow], None] | None = None
+
+    # -- leases -------------------------------------------------------------------------------------------
+    def fair_share(self, live: list[str]) -> int:
+        """How many partitions this flusher should hold, given the live flusher ids."""
+        members = sorted({*live, self.flusher_id})
+        rank, count = members.index(self.flusher_id), len(members)
+        return len(self.partitions) // count + (1 if rank < len(self.partitions) % count else 0)
+
+    async def rebalance(self) -> None:
+        """Heartbeat, renew the leases held, give back extras, take free partitions up to the fair share."""
+        live = await self.hot.heartbeat(self.flusher_id, int(time.time() * 1000), self.lease_ms, 3 * self.lease_ms)
+        target = self.fair_share(live)
+        await self.renew()
+        if len(self.held) > target:
+            extra = sorted(self.held)[target:]
+            await self.hot.release_leases(extra, self.flusher_id)
+            self.held.difference_update(extra)
+            return
+        # Free partitions, from a random start so that flushers don't all race for the same ones.
+        free = [p for p in self.partitions if p not in self.held]
+        start = random.randrange(len(free)) if free else 0
+        free = free[start:] + free[:start]
+        while free and len(self.held) < target:
+            want, free = free[:target - len(self.held)], free[target - len(self.held):]
+            taken = await self.hot.take_leases(want, self.flusher_id, self.lease_ms)
+            self.held.update(p for p, ok in zip(want, taken, strict=True) if ok)
+
+    async def renew(self) -> None:
+        """Renew every lease held; drop the ones another flusher took meanwhile (ours ran out)."""
+        if not self.held:
+            return
+        held = sorted(self.held)
+        kept = await self.hot.take_leases(held, self.flusher_id, self.lease_ms)
+        lost = [p for p, ok in zip(held, kept, strict=True) if not ok]
+        if lost:
+            log.warning("flusher %s lost the lease of partitions %s to another flusher", self.flusher_id, lost)
+        self.held = {p for p, ok in zip(held, kept, strict=True) if ok}
+
+    async def release(self) -> None:
+        """Give every lease back and leave the heartbeat set, so the other flushers take over at once."""
+        held, self.held = sorted(self.held), set()
+        if held:
+            await self.hot.release_leases(held, self.flusher_id)
+        await self.hot.leave(self.flusher_id)
+
+    # -- passes -------------------------------------------------------------------------------------------
+    async def flush_once(self, max_score_ms: int | None = None) -> PassResult:
+        """One pass over the partitions this flusher holds: what was dirty at or before ``max_score_ms``
+        (default: now). Acks are fenced by the lease; a partition whose lease is gone is dropped."""
+        started = time.perf_counter()
+        read_ms = int(time.time() * 1000)
+        partitions = sorted(self.held)
+        claims = await self.hot.claim(partitions, self.batch_size, max_score_ms or read_ms)
+        result = PassResult(claimed=sum(map(len, claims)), full=any(len(c) >= self.batch_size for c in claims))
+        tokens = dict.fromkeys(partitions, self.flusher_id)
+        await self._write_and_ack(dict(zip(partitions, claims, strict=True)), read_ms, tokens, result)
+        if result.claimed:
+            metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
+        self._count(result)
+        return result
+
+    async def _write_and_ack(self, claims: dict[int, list[DirtyEntry]], read_ms: int, tokens: dict[int, str],
+                             result: PassResult) -> dict[int, int]:
+        """Write the claimed entries, then ack them under ``tokens``. Returns the ack replies per partition
+        (-1: the lease is not ours, nothing cleared there)."""
+        replies: dict[int, int] = {}
+        pending = [(partition, entry) for partition, entries in claims.items() for entry in entries]
+        # A few chunks at once: while Postgres runs one chunk's upsert, Python builds the next chunk's rows
+        # (the flusher is CPU-bound in Python; strictly one after the other, each side waits for the other).
+        slots = asyncio.Semaphore(self.write_concurrency)
+
+        async def one_chunk(chunk: list[tuple[int, DirtyEntry]]) -> None:
+            async with slots:
+                rows: list[PendingRow] = []
+                gone: dict[int, list[tuple[str, int]]] = {}
+                for partition, entry in chunk:
+                    row = pending_row(partition, entry, read_ms / 1000)
+                    if row is None:  # the hash is gone (FLUSHALL, eviction): nothing to write, drop the mark
+                        gone.setdefault(partition, []).append((entry.session_id, 0))
+                    else:
+                        rows.append(row)
+                written = await self._write(rows) if rows else []
+                result.written += len(written)
+                result.dead += len(rows) - len(written)
+                acks = _by_partition(rows)
+                for partition, entries in gone.items():
+                    acks.setdefault(partition, []).extend(entries)
+                for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
+                    replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
+                        replies.get(partition, 0) + cleared
+
+        outcomes = await asyncio.gather(*(one_chunk(pending[start:start + self.batch_size])
+                                          for start in range(0, len(pending), self.batch_size)),
+                                        return_exceptions=True)
+        for outcome in outcomes:  # every chunk has finished (a finished write is harmless): now report
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for partition, cleared in replies.items():
+            if cleared < 0:
+                if partition in self.held:
+                    log.warning("flusher %s lost the lease of partition %d: its ack was refused (the rows it "
+                                "wrote are harmless, the new owner writes them again)", self.flusher_id, partition)
+                self.held.discard(partition)
+            else:
+                result.acked += cleared
+        return replies
+
+    def _count(self, result: PassResult) -> None:
+        self.totals.claimed += result.claimed
+        self.totals.written += result.written
+        self.totals.acked += result.acked
+        self.totals.dead += result.dead
+
+    async def _write(self, rows: list[PendingRow]) -> list[PendingRow]:
+        """Upsert ``rows`` in one statement. If Postgres rejects a row (a data or constraint error), split
+        the batch until the bad rows are alone, dead-letter them, and write the rest. Returns what was written;
+        every row passed in is handled (written or dead-lettered) when this returns."""
+        try:
+            await self.cold.upsert_batch(RowBatch.from_rows([row.values for row in rows]))
+        except ROW_ERRORS as exc:
+            if len(rows) == 1:
+                await self.dead_letters.record(rows[0], f"{type(exc).__name__}: {exc}")
+                return []
+            middle = len(rows) // 2
+            return await self._write(rows[:middle]) + await self._write(rows[middle:])
+        metrics.FLUSH_BATCH_ROWS.observe(len(rows))
+        for row in rows:
+            metrics.FLUSHED_ROWS.labels(row.kind).inc()
+            if self.on_written is not None and row.kind != "upsert":
+                self.on_written(row)
+        return rows
+
+    async def update_gauges(self) -> tuple[int, float]:
+        """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
+        now_ms = int(time.time() * 1000)
+        stats = await self.hot.stats(now_ms)
+        oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
+        lag = max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0
+        for partition, s in enumerate(stats):
+            metrics.DIRTY_SESSIONS.labels(str(partition)).set(s.dirty)
+        metrics.FLUSH_LAG.set(lag)
+        metrics.LIVE_SESSIONS.set(sum(s.live for s in stats))
+        return sum(s.dirty for s in stats), lag
+
+    def _retrying(self, stop: asyncio.Event | None, deadline: float | None) -> AsyncRetrying:
+        def should_stop(state: RetryCallState) -> bool:
+            return (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+
+        async def sleep(seconds: float) -> None:
+            # While Postgres is down the lag grows: keep the gauges moving so the alerts can fire.
+            with contextlib.suppress(*RETRYABLE):
+                await self.update_gauges()
+            # Interruptible backoff: close() must not wait out a 30 s sleep.
+            if stop is None:
+                await asyncio.sleep(seconds)
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), seconds)
+            except TimeoutError:
+                return
+
+        return AsyncRetrying(retry=retry_if_exception_type(RETRYABLE), stop=should_stop,
+                             wait=wait_exponential(multiplier=0.1, max=30.0) + wait_random(0, 0.25), sleep=sleep,
+                             before_sleep=_log_retry, reraise=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until ``stop`` is set. Failures are retried with backoff; nothing dirty is ever dropped."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                async for attempt in self._retrying(stop, None):
+                    with attempt:
+                        await self.rebalance()
+                        result = await self.flush_once()
+                        await self.update_gauges()
+            except RETRYABLE:
+                if stop.is_set():
+                    return
+                raise
+            if not result.full:
+                await self._idle(stop, started + self.interval)
+
+    async def _idle(self, stop: asyncio.Event, deadline: float) -> None:
+        """Wait until ``deadline`` (passes start every ``interval``, so a write waits at most about one interval
+        plus one pass), renewing the leases at least every third of a lease."""
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(left, self.lease_secs / 3))
+            if not stop.is_set() and deadline - time.monotonic() > 0:
+                try:
+                    await self.rebalance()
+                except RETRYABLE as exc:  # the next pass retries with backoff; a lapsed lease is just retaken
+                    log.warning("lease renewal failed: %s", exc)
+
+    async def drain(self, timeout: float, *, only_dirty_before_now: bool = False,
+                    progress: Callable[[PassResult], None] | None = None) -> int:
+        """Flush every partition until nothing is dirty or ``timeout`` seconds have passed; with
+        ``only_dirty_before_now``, only what was dirty when the call began (so busy writers cannot keep it going).
+
+        This is the on-demand flush: it needs no lease and never waits for one. It writes what it claims
+        (harmless next to the owner's write: the version guard) and its ack is accepted where this flusher
+        holds the lease or nobody does. Where another flusher holds
+        the lease the ack is refused, but the rows are in Postgres: durable. They are not written again unless
+        their version moves; the owner clears their marks.
+        Returns how many sessions are still dirty and not made durable by this call: they stay in Redis for
+        the next flusher."""
+        deadline = time.monotonic() + timeout
+        up_to = int(time.time() * 1000) if only_dirty_before_now else None
+        done: dict[str, int] = {}  # session id -> version this call wrote (0: a mark with no hash)
+        extra = dict.fromkeys(self.partitions, 0)  # per partition: entries already done, to claim beyond them
+        durable_dirty = 0
+        while time.monotonic() < deadline:
+            async for attempt in self._retrying(None, deadline):
+                with attempt:
+                    result, durable_dirty, complete = await self._drain_pass(up_to, done, extra)
+            if progress is not None:
+                progress(result)
+            if complete:
+                break
+        dirty, _ = await self.update_gauges()
+        return max(0, dirty - durable_dirty)
+
+    async def _drain_pass(self, up_to: int | None, done: dict[str, int], extra: dict[int, int]
+                          ) -> tuple[PassResult, int, bool]:
+        """One on-demand pass over every partition. Returns the result, how many claimed entries were already
+        durable (written by this drain at their current version), and whether the pass saw every dirty entry
+        and all of them were durable (nothing new to write)."""
+        started = time.perf_counter()
+        read_ms = int(time.time() * 1000)
+        await self.renew()
+        limits = [self.batch_size + extra[p] for p in self.partitions]
+        claims = await self.hot.claim(self.partitions, limits, up_to or read_ms)
+        fresh: dict[int, list[DirtyEntry]] = {}
+        skipped = 0
+        saw_all = True
+        for partition, entries, limit in zip(self.partitions, claims, limits, strict=True):
+            new = [e for e in entries if done.get(e.session_id) != int(e.fields.get(VERSION, 0))]
+            skipped += len(entries) - len(new)
+            extra[partition] = len(entries) - len(new)
+            if len(entries) >= limit:
+                saw_all = False
+            if new:
+                fresh[partition] = new
+        result = PassResult(claimed=sum(map(len, fresh.values())), full=not saw_all)
+        tokens = dict.fromkeys(fresh, "?" + self.flusher_id)  # ours or nobody's (our loop may take one meanwhile)
+        await self._write_and_ack(fresh, read_ms, tokens, result)
+        for entries in fresh.values():
+            for entry in entries:
+                done[entry.session_id] = int(entry.fields.get(VERSION, 0))
+        if result.claimed:
+            metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
+        self._count(result)
+        return result, skipped, saw_all and not fresh
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    kind = type(error).__name__ if error else "unknown"
+    metrics.FLUSH_ERRORS.labels(kind).inc()
+    metrics.FLUSH_RETRIES.inc()
+    backend = "postgres" if isinstance(error, (*TRANSIENT_ERRORS, asyncpg.PostgresError)) else "redis"
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning("flush failed (%s: %s), attempt %d, retrying in %.2fs; dirty sessions stay in Redis",
+                backend, error, state.attempt_number, delay)

@@ -1,0 +1,295 @@
+"""The Redis side of the tier: key layout and one call per operation (a Lua script or a single command).
+
+Layout, with ``p`` = crc32(session_id) % partitions so one partition's keys share a Redis Cluster slot::
+
+    {prefix}:{p7}:s:<session_id>   hash: the session (see codec.py for its fields)
+    {prefix}:{p7}:dirty            zset: session ids not yet in Postgres, scored by first-dirty time (ms)
+    {prefix}:{p7}:live             zset: session ids scored by logical expiry (ms): counting, listing, cleanup
+    {prefix}:{p7}:lease            string: the token of the flusher that owns the partition (PX lease)
+    {prefix}:flushers              zset: flusher ids scored by last heartbeat (ms), for the fair share
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import RedisCluster
+
+from . import scripts
+from .codec import pairs_to_dict, partition_of
+from .config import Settings
+from .pipelining import AutoPipeline
+from .redis_client import RedisClient
+
+# Ensure statuses (ensure.lua's first reply element).
+EXISTING, CREATED, MISS, OVER_LIMIT = 1, 2, 0, -1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionKeys:
+    session: str
+    dirty: str
+    live: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirtyEntry:
+    session_id: str
+    fields: dict[bytes, bytes]  # empty when the hash is gone (nothing to write, just clear the mark)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PartitionStats:
+    dirty: int
+    oldest_dirty_ms: int | None
+    live: int
+
+
+class HotTier:
+    def __init__(self, client: RedisClient, settings: Settings) -> None:
+        self.client = client
+        self.partitions = settings.partitions
+        self.prefix = settings.key_prefix
+        self.persist = "1" if settings.enable_persistence else "0"
+        self.timeout_ms = int(settings.session_timeout_secs * 1000)
+        self.tombstone_ttl_ms = int(settings.tombstone_ttl_secs * 1000)
+        self.max_bytes = settings.max_session_bytes
+        self.live_keys = [self.live_key(p) for p in range(self.partitions)]
+        self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
+        # On a cluster every script touches one slot: the session limit is counted before the script instead.
+        self.cluster = isinstance(client, RedisCluster)
+
+    # -- key layout ---------------------------------------------------------------------------------------
+    def partition_prefix(self, partition: int) -> str:
+        return f"{self.prefix}:{{p{partition}}}:"
+
+    def session_key_prefix(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "s:"
+
+    def dirty_key(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "dirty"
+
+    def live_key(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "live"
+
+    def lease_key(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "lease"
+
+    @property
+    def flushers_key(self) -> str:
+        return f"{self.prefix}:flushers"
+
+    def keys(self, session_id: str) -> SessionKeys:
+        base = self.partition_prefix(partition_of(session_id, self.partitions))
+        return SessionKeys(base + "s:" + session_id, base + "dirty", base + "live")
+
+    # -- hot path: one round trip each -------------------------------------------------------------------
+    async def read(self, session_id: str) -> dict[bytes, bytes]:
+        reply = await self.pipeline.command("HGETALL", self.keys(session_id).session)
+        return reply if isinstance(reply, dict) else pairs_to_dict(reply)  # RESP3 sends a map, RESP2 a list
+
+    async def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
+                    ) -> int | list[int]:
+        keys = self.keys(session_id)
+        args: list[Any] = [now_ms, self.timeout_ms, duration_ms, session_id, self.persist]
+        if journal_version is not None:
+            args.append(journal_version)
+        result: int | list[int] = await self.pipeline.evalsha(scripts.TOUCH, [keys.session, keys.dirty, keys.live],
+                                                               args)
+        return result
+
+    async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
+                     max_sessions: int | None, size: int, pairs: Sequence[bytes | str]
+                     ) -> tuple[int, dict[bytes, bytes] | int]:
+        keys = self.keys(session_id)
+        all_keys = [keys.session, keys.dirty, keys.live]
+        limit_arg = max_sessions or 0
+        if max_sessions and self.cluster:
+            # Counted here, one ZCOUNT per partition (one round trip per node): approximate under races, as
+            # sessions created by others between the count and the script are not seen.
+            live = await self.live_count(now_ms)
+            limit_arg = -live if live >= max_sessions else 0
+        elif max_sessions:
+            all_keys += self.live_keys
+        reply = await self.pipeline.evalsha(
+            scripts.ENSURE, all_keys,
+            [now_ms, self.timeout_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
+             limit_arg, size, *pairs],
+        )
+        status = int(reply[0])
+        if status in (EXISTING, CREATED):
+            return status, pairs_to_dict(reply[1])
+        return status, int(reply[1]) if len(reply) > 1 else 0
+
+    async def update(self, session_id: str, now_ms: int, *, state: bytes, pairs: Sequence[bytes],
+                     attributes: Sequence[bytes | str], unset: Sequence[bytes] = (),
+                     guards: Sequence[bytes] = (), expected_version: int | None = None,
+                     journal_version: int | None = None) -> int | list[int]:
+        """``pairs``/``guards`` are flat field, value lists; a guard's value ``b""`` means "field absent"."""
+        keys = self.keys(session_id)
+        partition_prefix = keys.session[: -len(session_id) - 2]
+        result: int | list[int] = await self.pipeline.evalsha(
+            scripts.UPDATE, [keys.session, keys.dirty, partition_prefix],
+            [now_ms, session_id, self.max_bytes, self.persist, state, len(pairs) // 2,
+             "" if journal_version is None else journal_version,
+             "" if expected_version is None else expected_version, len(unset), len(guards) // 2,
+             *pairs, *unset, *guards, *attributes],
+        )
+        return result
+
+    async def read_fields_of(self, session_id: str, fields: Sequence[bytes]) -> list[bytes | None]:
+        reply: list[bytes | None] = await self.pipeline.command("HMGET", self.keys(session_id).session, *fields)
+        return reply
+
+    async def rotate(self, old_id: str, new_id: str, now_ms: int) -> int | dict[bytes, bytes]:
+        old, new = self.keys(old_id), self.keys(new_id)
+        assert old.dirty == new.dirty, "rotate needs both ids in one partition"
+        reply = await self.pipeline.evalsha(scripts.ROTATE, [old.session, new.session, old.dirty, old.live],
+                                            [now_ms, old_id, new_id, self.persist])
+        if isinstance(reply, int):
+            return reply
+        return reply if isinstance(reply, dict) else pairs_to_dict(reply)
+
+    def user_index_key(self, partition: int, user_id: str) -> str:
+        return self.partition_prefix(partition) + "user:" + user_id
+
+    async def user_session_ids(self, user_id: str) -> list[list[str]]:
+        """Ids the per-user index lists, per partition (may include dead ones: callers check)."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.smembers(self.user_index_key(p, user_id))
+        return [[member.decode() for member in reply] for reply in await pipe.execute()]
+
+    async def forget_user_sessions(self, user_id: str, session_ids: Sequence[str]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.srem(self.user_index_key(partition_of(sid, self.partitions), user_id), sid)
+        await pipe.execute()
+
+    async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
+                     journal_version: int | None = None) -> int:
+        keys = self.keys(session_id)
+        args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version]
+        if journal_version is not None:
+            args.append(journal_version)
+        return int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.live], args))
+
+    # -- read-through and recovery ------------------------------------------------------------------------
+    def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool
+                   ) -> tuple[scripts.LuaScript, list[str], list[Any]]:
+        keys = self.keys(session_id)
+        return scripts.WARM, [keys.session, keys.live], [session_id, expires_ms, "1" if reply else "0", *pairs]
+
+    async def warm(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int]
+                   ) -> tuple[bool, dict[bytes, bytes]]:
+        script, keys, args = self._warm_call(session_id, expires_ms, pairs, reply=True)
+        reply = await self.pipeline.evalsha(script, keys, args)
+        return bool(reply[0]), pairs_to_dict(reply[1])
+
+    async def warm_many(self, sessions: Iterable[tuple[str, int, Sequence[bytes | str | int]]]) -> int:
+        """Warm many sessions in one round trip; returns how many were written (absent before)."""
+        calls = [self._warm_call(session_id, expires_ms, pairs, reply=False)
+                 for session_id, expires_ms, pairs in sessions]
+        replies = await self.pipeline.run_scripts(calls)
+        return sum(int(reply[0]) for reply in replies)
+
+    # -- flusher ------------------------------------------------------------------------------------------
+    async def claim(self, partitions: Sequence[int], limit: int | Sequence[int], max_score_ms: int
+                    ) -> list[list[DirtyEntry]]:
+        """The oldest dirty entries of each partition; ``limit`` is one for all, or one per partition."""
+        limits = [limit] * len(partitions) if isinstance(limit, int) else list(limit)
+        calls = [(scripts.CLAIM, [self.dirty_key(p)], [self.session_key_prefix(p), n, max_score_ms])
+                 for p, n in zip(partitions, limits, strict=True)]
+        replies = await self.pipeline.run_scripts(calls)
+        return [[DirtyEntry(reply[i].decode(), pairs_to_dict(reply[i + 1])) for i in range(0, len(reply), 2)]
+                for reply in replies]
+
+    async def ack(self, written: dict[int, list[tuple[str, int]]], read_ms: int, tokens: dict[int, str]
+                  ) -> dict[int, int]:
+        """Clear dirty marks of (session_id, version) pairs now durable in Postgres, per partition, under the
+        partition's lease (``tokens[p]``; "" for no lease). Returns per partition how many were cleared, or -1
+        where the lease is not ours (nothing cleared there)."""
+        calls = []
+        for partition, entries in written.items():
+            flat: list[str | int] = []
+            for session_id, version in entries:
+                flat += (session_id, version)
+            calls.append((scripts.ACK, [self.dirty_key(partition), self.live_key(partition),
+                                        self.lease_key(partition)],
+                          [self.session_key_prefix(partition), self.tombstone_ttl_ms, read_ms,
+                           tokens.get(partition, ""), *flat]))
+        replies = await self.pipeline.run_scripts(calls)
+        return {partition: int(reply) for partition, reply in zip(written, replies, strict=True)}
+
+    # -- flusher leases -----------------------------------------------------------------------------------
+    async def take_leases(self, partitions: Sequence[int], token: str, lease_ms: int) -> list[bool]:
+        """Take (if free) or renew (if ours) each partition's lease; True where we hold it now."""
+        calls = [(scripts.LEASE, [self.lease_key(p)], [token, lease_ms]) for p in partitions]
+        return [bool(reply) for reply in await self.pipeline.run_scripts(calls)]
+
+    async def release_leases(self, partitions: Sequence[int], token: str) -> None:
+        calls = [(scripts.LEASE_RELEASE, [self.lease_key(p)], [token]) for p in partitions]
+        await self.pipeline.run_scripts(calls)
+
+    async def heartbeat(self, flusher_id: str, now_ms: int, live_ms: int, forget_ms: int) -> list[str]:
+        """Record that this flusher is alive; returns the ids seen within ``live_ms`` (dropping those silent
+        for ``forget_ms``)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.flushers_key, {flusher_id: now_ms})
+        pipe.zremrangebyscore(self.flushers_key, "-inf", now_ms - forget_ms)
+        pipe.zrangebyscore(self.flushers_key, now_ms - live_ms, "+inf")
+        replies = await pipe.execute()
+        return [member.decode() for member in replies[2]]
+
+    async def leave(self, flusher_id: str) -> None:
+        await self.client.zrem(self.flushers_key, flusher_id)
+
+    # -- whole-tier readings ------------------------------------------------------------------------------
+    async def stats(self, now_ms: int) -> list[PartitionStats]:
+        pipe = self.client.pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.zcard(self.dirty_key(p))
+            pipe.zrange(self.dirty_key(p), 0, 0, withscores=True)
+            pipe.zcount(self.live_key(p), f"({now_ms}", "+inf")
+        replies = await pipe.execute()
+        out = []
+        for p in range(self.partitions):
+            dirty, oldest, live = replies[3 * p: 3 * p + 3]
+            out.append(PartitionStats(int(dirty), int(oldest[0][1]) if oldest else None, int(live)))
+        return out
+
+    async def live_count(self, now_ms: int) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.live_keys:
+            pipe.zcount(key, f"({now_ms}", "+inf")
+        return sum(int(count) for count in await pipe.execute())
+
+    async def dirty_total(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.zcard(self.dirty_key(p))
+        return sum(int(count) for count in await pipe.execute())
+
+    async def live_ids(self, now_ms: int) -> list[list[str]]:
+        """Ids whose logical expiry is after now, per partition."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.live_keys:
+            pipe.zrangebyscore(key, f"({now_ms}", "+inf")
+        return [[member.decode() for member in reply] for reply in await pipe.execute()]
+
+    async def drop_expired_from_index(self, now_ms: int) -> list[str]:
+        """Remove index entries whose logical expiry has passed; returns their ids."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.live_keys:
+            pipe.zrangebyscore(key, "-inf", now_ms)
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+        replies = await pipe.execute()
+        return [member.decode() for reply in replies[::2] for member in reply]
+
+    async def read_fields(self, session_ids: Sequence[str], fields: Sequence[bytes]) -> list[list[bytes | None]]:
+        pipe = self.client.pipeline(transaction=False)
+        for session_id in session_ids:
+            pipe.hmget(self.keys(session_id).session, list(fields))
+        return list(await pipe.execute())

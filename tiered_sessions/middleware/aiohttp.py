@@ -1,0 +1,92 @@
+"""Session middleware for aiohttp.web.
+
+```python
+app = web.Application()
+setup_sessions(app, manager, secret_key="current-key", secure=True)
+
+async def login(request):
+    session = request["session"]
+    session.rotate(user_id=user.id)          # fresh id when the response starts; the old one stops working
+    session["user"] = user.name
+    raise web.HTTPFound("/")                 # raised HTTP responses save the session too
+async def logout(request):
+    request["session"].delete()              # removed, cookie expired
+```
+
+The session is saved once, when the response is about to start: after the handler returns (or raises an
+``HTTPException``), or when a streaming handler calls ``response.prepare()``. A handler that fails with any
+other exception saves nothing. Writes after the save raise ``SessionAlreadySaved``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..errors import SessionAlreadySaved
+from .core import RequestSession, SameSite, SecretKey, SessionCookie, WebSessions
+
+if TYPE_CHECKING:
+    from ..manager import SessionManager
+
+SESSION_KEY = "session"
+
+
+def setup_sessions(app: web.Application, manager: SessionManager, secret_key: SecretKey, *,
+                   cookie_name: str = "session", secure: bool = True, samesite: SameSite = "lax", path: str = "/",
+                   domain: str | None = None, max_age: int | None = None, sliding: bool = True,
+                   touch_after: float | None = None) -> WebSessions:
+    """Install the middleware and the response hook on ``app`` (before it starts). Options as for
+    :class:`tiered_sessions.middleware.asgi.SessionMiddleware`."""
+    cookie = SessionCookie(secret_key, name=cookie_name, secure=secure, samesite=samesite, path=path,
+                           domain=domain, max_age=max_age)
+    sessions = WebSessions(manager, cookie, sliding=sliding, touch_after=touch_after)
+    app.middlewares.append(session_middleware(sessions))
+
+    async def save_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        # Still writable here only when a streaming handler prepares its own response: the middleware saved
+        # every other one already, and froze the session of a failed handler (its error page saves nothing).
+        session = request.get(SESSION_KEY)
+        if isinstance(session, RequestSession) and session.writable:
+            await _save(sessions, session, response, headers_sent=False)
+
+    app.on_response_prepare.append(save_on_prepare)
+    return sessions
+
+
+def session_middleware(sessions: WebSessions) -> Middleware:
+    """The middleware alone (``setup_sessions`` also saves for streaming handlers)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        session = await sessions.load([request.cookies[sessions.cookie.name]]
+                                      if sessions.cookie.name in request.cookies else [])
+        request[SESSION_KEY] = session  # a str key, as asked of the API: aiohttp warns once per process
+        try:
+            response = await handler(request)
+        except web.HTTPException as raised:
+            await _save(sessions, session, raised, headers_sent=raised.prepared)
+            raise
+        except BaseException:
+            session.freeze("the handler failed: its session changes were not saved")
+            raise
+        await _save(sessions, session, response, headers_sent=response.prepared)
+        return response
+
+    return middleware
+
+
+async def _save(sessions: WebSessions, session: RequestSession, response: web.StreamResponse, *,
+                headers_sent: bool) -> None:
+    if not session.writable:
+        return  # saved already, when a streaming handler prepared its response
+    header = await sessions.save(session)
+    if header is None:
+        return
+    if headers_sent:
+        # Only without setup_sessions()'s hook: the headers are gone, and with them the new cookie.
+        raise SessionAlreadySaved("the response started before the session was saved, so its cookie could not "
+                                  "be set: install the middleware with setup_sessions()")
+    response.headers.add("Set-Cookie", header)

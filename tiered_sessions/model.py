@@ -1,0 +1,68 @@
+"""The ``Session`` record that callers hold and the states it moves through."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Final
+
+ACTIVE: Final = "active"
+CLOSED: Final = "closed"
+EXPIRED: Final = "expired"
+REMOVED: Final = "removed"
+STATES: Final = (ACTIVE, CLOSED, EXPIRED, REMOVED)
+
+
+@dataclasses.dataclass(slots=True, weakref_slot=True, eq=False)
+class Session:
+    """One session as the manager last saw it in Redis.
+
+    Times are POSIX seconds (floats), as in the in-memory managers this replaces. Within one process
+    ``SessionManager.ensure`` and ``get`` return the same object for the same live id and refresh it in place.
+    """
+
+    session_id: str
+    created_at: float
+    last_activity: float
+    expires_at: float
+    state: str = ACTIVE
+    user_id: str | None = None
+    user_type: str | None = None
+    ip_address: str | None = None
+    user_agent: str | None = None
+    request_count: int = 0
+    total_duration_ms: int = 0
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.state != ACTIVE
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.expires_at
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.created_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (``from_dict`` reverses it)."""
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        out["data"] = dict(self.data)
+        out["metadata"] = dict(self.metadata)
+        out["closed"] = self.closed
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Session:
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in raw.items() if key in names}
+        if "state" not in values and raw.get("closed"):
+            values["state"] = CLOSED
+        return cls(**values)
+
+    def _refresh(self, other: Session) -> None:
+        """Take ``other``'s values, keeping this object's identity (callers hold on to it)."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(other, field.name))

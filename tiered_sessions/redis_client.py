@@ -1,0 +1,62 @@
+"""The Redis client: one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+(``redis+cluster://host:port``, ``rediss+cluster://``, or ``cluster=True``) through redis-py's ``RedisCluster``,
+which follows MOVED/ASK and refreshes its slot map after a failover."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import Settings
+from .errors import ConfigurationError
+
+RedisClient: TypeAlias = Redis | RedisCluster
+
+# Every failure of a Redis call: the cluster client also raises RedisClusterException, which is no RedisError.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
+# What a cluster raises in its failover window, beyond connection errors (is_unreachable() decides).
+CLUSTER_ERRORS: tuple[type[BaseException], ...] = (RedisClusterException, ClusterError, TryAgainError)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Redis cannot serve the call now: a lost connection or timeout, or a cluster in its failover window
+    (CLUSTERDOWN, TRYAGAIN, a slot without a master, no node reachable to map the slots). Programming errors
+    the cluster client reports (a cross-slot script, say) are not."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ClusterError | TryAgainError
+                  | SlotNotCoveredError):
+        return True
+    return type(exc) is RedisClusterException and isinstance(exc.__cause__, RedisConnectionError | RedisTimeoutError)
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster(settings: Settings) -> bool:
+    url = settings.redis_url or ""
+    return settings.cluster or url.split("://", 1)[0].lower() in _CLUSTER_SCHEMES
+
+
+def plain_url(url: str) -> str:
+    """The URL redis-py understands: ``redis+cluster://`` becomes ``redis://``."""
+    scheme, sep, rest = url.partition("://")
+    return _CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
+
+
+def make_client(settings: Settings) -> RedisClient:
+    assert settings.redis_url
+    timeout = settings.socket_timeout_secs
+    if not is_cluster(settings):
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout,
+            socket_timeout=timeout, socket_connect_timeout=timeout,
+        )
+        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections too
+    url = plain_url(settings.redis_url)
+    if url.startswith("unix://"):
+        raise ConfigurationError("a Redis Cluster is reached over TCP: use redis+cluster://host:port")
+    # No per-node connection cap here: the cluster client raises MaxConnectionsError (a ConnectionError, which
+    # would trip degraded mode) instead of waiting for a free connection as the single-server pool does.
+    return RedisCluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)

@@ -1,0 +1,48 @@
+"""Lua scripts shipped beside the code, run by SHA with a reload when Redis has forgotten them."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
+
+if TYPE_CHECKING:
+    from .redis_client import RedisClient
+
+
+class LuaScript:
+    """One script from ``tiered_sessions/lua``. Not redis-py's ``Script``: that one sends SCRIPT EXISTS
+    before every pipelined call; this one pipelines plain EVALSHA and reloads only on NOSCRIPT."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # A restarted or flushed Redis forgets scripts: load once, run again.
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+TOUCH = LuaScript("touch")
+ENSURE = LuaScript("ensure")
+UPDATE = LuaScript("update")
+REMOVE = LuaScript("remove")
+WARM = LuaScript("warm")
+CLAIM = LuaScript("claim")
+ACK = LuaScript("ack")
+REDIRTY = LuaScript("redirty")
+ROTATE = LuaScript("rotate")
+LEASE = LuaScript("lease")
+LEASE_RELEASE = LuaScript("lease_release")
+
+
+ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE)

@@ -1,0 +1,1 @@
+SELECT count(*) FROM ${table} WHERE session_state IN ('active', 'closed') AND expires_at > now()
