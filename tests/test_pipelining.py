@@ -70,3 +70,47 @@ def test_pack_matches_resp() -> None:
     assert pack(("SET", b"k", 12, 1.5)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
     with pytest.raises(TypeError):
         pack(("SET", object()))
+
+
+async def test_round_trips_reuse_a_kept_connection(redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = AutoPipeline(redis, timeout=5)
+    pool = redis.connection_pool
+    checkouts = 0
+    original = pool.get_connection
+
+    async def counting() -> object:
+        nonlocal checkouts
+        checkouts += 1
+        return await original()
+
+    monkeypatch.setattr(pool, "get_connection", counting)
+    for i in range(20):
+        assert await pipeline.command("SET", "kept", i) == b"OK"
+    assert checkouts == 1
+    await pipeline.aclose()
+    assert await pipeline.command("GET", "kept") == b"19" and checkouts == 2
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis, timeout=5)
+    assert await pipeline.command("CLIENT", "SETNAME", "kept-by-pipeline") == b"OK"
+    killed = await redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")
+    assert killed >= 1
+    await asyncio.sleep(0.05)  # the EOF reaches our side of the kept connection
+    assert await pipeline.command("SET", "after-kill", "v") == b"OK"
+    assert await redis.get("after-kill") == b"v"
+
+
+async def test_a_cancelled_round_trip_leaves_no_reply_behind(redis: aioredis.Redis) -> None:
+    """A caller cancelled while its reply is on the way must not hand that reply to the next caller."""
+    pipeline = AutoPipeline(redis, timeout=5)
+    await redis.set("slow-key", "slow")
+    slow = asyncio.ensure_future(pipeline.command("EVAL", "local t = redis.call('TIME') "
+                                                  "while redis.call('TIME')[1] - t[1] < 1 do end "
+                                                  "return redis.call('GET', KEYS[1])", 1, "slow-key"))
+    await asyncio.sleep(0.2)
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    await redis.set("next-key", "next")
+    assert await pipeline.command("GET", "next-key") == b"next"

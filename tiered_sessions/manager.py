@@ -245,6 +245,8 @@ class SessionManager:
                 await self.flusher.release()  # the other flushers take our partitions now, not at lease expiry
             except RETRYABLE as exc:
                 log.warning("close: could not release the flusher leases (%s); they expire by themselves", exc)
+        if self._hot is not None:
+            await self._hot.pipeline.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         if self.store is not None:
