@@ -45,6 +45,7 @@ class Soak:
         self.ids = [f"soak-{i:04d}" for i in range(SESSIONS)]
         self.acked: Counter[str] = Counter()        # update_activity calls that returned True
         self.last_merge: dict[str, int] = {}         # last acknowledged value of data["n"], per session
+        self.unconfirmed_merges: dict[str, set[int]] = {}  # values sent since then whose call failed
         self.ambiguous = 0                           # calls that failed on a dying connection: may have applied
         self.refused = Counter[str]()                # calls refused with a named error (not acknowledged)
         self.faults = Counter[str]()
@@ -64,15 +65,19 @@ class Soak:
         counter = 0
         while not self.stop.is_set():
             sid = self.random.choice(self.ids)
+            merging: str | None = None
             try:
                 if await manager.update_activity(sid, request_duration_ms=1):
                     self.acked[sid] += 1
-                mine = self.random.choice(owned)  # merges to a session come from one writer: order is known
+                merging = self.random.choice(owned)  # merges to a session come from one writer: order is known
                 counter += 1
-                await manager.update(mine, data={"n": counter})
-                self.last_merge[mine] = counter
+                await manager.update(merging, data={"n": counter})
+                self.last_merge[merging] = counter
+                self.unconfirmed_merges.pop(merging, None)
             except BackendUnavailable:
                 self.ambiguous += 1
+                if merging is not None:  # the connection died mid-call: it may have been applied
+                    self.unconfirmed_merges.setdefault(merging, set()).add(counter)
                 await asyncio.sleep(0.02)
             except BackpressureError:
                 self.refused["backpressure"] += 1
@@ -135,13 +140,19 @@ class Soak:
         found = sum(rows[sid].request_count for sid in self.ids if sid in rows)
         lost = sum(max(0, self.acked[sid] - (rows[sid].request_count if sid in rows else 0)) for sid in self.ids)
         extra = sum(max(0, rows[sid].request_count - self.acked[sid]) for sid in self.ids if sid in rows)
+        # A session must hold its last acknowledged value, or a later one whose call failed mid-flight (the
+        # server may have applied it before the connection died); anything else is a lost write.
+        stored = {sid: json.loads(rows[sid].data_json).get("n") if sid in rows else None for sid in self.last_merge}
         merges_lost = sum(1 for sid, value in self.last_merge.items()
-                          if sid not in rows or json.loads(rows[sid].data_json).get("n") != value)
+                          if stored[sid] != value and stored[sid] not in self.unconfirmed_merges.get(sid, ()))
+        unconfirmed_applied = sum(1 for sid, value in self.last_merge.items()
+                                  if stored[sid] != value and stored[sid] in self.unconfirmed_merges.get(sid, ()))
         return {
             "seconds": self.seconds, "sessions": SESSIONS, "faults": dict(self.faults),
             "writes_acknowledged": sum(self.acked.values()), "writes_found_in_postgres": found,
             "lost": lost, "counted_but_unacknowledged": extra, "ambiguous_failed_calls": self.ambiguous,
             "merged_sessions_checked": len(self.last_merge), "merges_lost": merges_lost,
+            "failed_merges_found_applied": unconfirmed_applied,
             "refused": dict(self.refused), "seconds_to_drain_after_load": round(drained_in, 3),
         }
 
