@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiered_sessions import ConfigurationError, InvalidSessionData, Settings
-from tiered_sessions.codec import documents_json, encode_document, partition_of, validate_session_id
+from tiered_sessions.codec import encode_document, partition_of, validate_session_id
 from tiered_sessions.cold_tier import asyncpg_dsn
 from tiered_sessions.config import redact_message, redact_url
 
@@ -60,16 +60,13 @@ def test_session_ids() -> None:
     assert partition_of("abc", 16) == partition_of("abc", 16)
 
 
-def test_documents_round_trip_without_parsing_values() -> None:
-    document = {"a": [1, 2.5, None, True], "é": {"nested": "ü\n\""}, "empty": [], "obj": {}}
-    pairs = encode_document(document, "d:", "data")
-    import orjson
-
-    metadata = encode_document({"m": [1]}, "m:", "metadata")
-    data_json, meta_json = documents_json(dict(pairs + metadata))
-    assert orjson.loads(data_json) == document and orjson.loads(meta_json) == {"m": [1]}
+def test_encode_document_refuses_what_jsonb_would_not_keep() -> None:
+    pairs = encode_document({"a": [1, 2.5, None, True], "é": "ü"}, "d:", "data")
+    assert pairs == [(b"d:a", b"[1,2.5,null,true]"), ("d:é".encode(), '"ü"'.encode())]
     with pytest.raises(InvalidSessionData):
         encode_document({"x": float("nan")}, "d:", "data")
+    with pytest.raises(InvalidSessionData):
+        encode_document({"x": "nul\x00"}, "d:", "data")
 
 
 def test_readme_documents_every_setting() -> None:

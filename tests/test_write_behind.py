@@ -7,10 +7,10 @@ import asyncio
 import time
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.cold_tier import RowBatch
 
 from .helpers import pg_row, pg_rows
 
@@ -45,6 +45,24 @@ async def test_flush_writes_rows_and_acks(manager: SessionManager, settings: Set
     assert abs(row["expires_at"].timestamp() - session.expires_at) < 0.002
     metrics = await manager.get_session_metrics()
     assert metrics["dirty_sessions"] == 0 and metrics["flush_lag_seconds"] == 0.0
+
+
+async def test_flushed_rows_keep_every_character(manager: SessionManager, settings: Settings,
+                                                  pg: asyncpg.Connection) -> None:
+    """The flusher's rows are JSON built in Lua from the hash: keys and strings that need escaping, unicode,
+    nesting and empty documents reach Postgres unchanged."""
+    data = {'q"uote': 'a\\b "c"\n\t/', "é日本": {"nested": ["ü", 1.5, None, True, {}]}, "": [], "n": -(2**63)}
+    metadata = {"k/ey": "\u2028", "e": {}}
+    agent = 'Mozilla/5.0 "quoted" \\ back\tslash é'
+    await manager.ensure("chars", data=data, metadata=metadata, user_id="u\"1", user_agent=agent)
+    await manager.ensure("bare")
+    await manager.flush()
+    row = await pg_row(pg, settings, "chars")
+    assert row is not None
+    assert orjson.loads(row["session_data"]) == data and orjson.loads(row["metadata"]) == metadata
+    assert (row["user_id"], row["user_agent"], row["user_type"], row["ip_address"]) == ('u"1', agent, None, None)
+    bare = await pg_row(pg, settings, "bare")
+    assert bare is not None and (bare["session_data"], bare["metadata"], bare["user_id"]) == ("{}", "{}", None)
 
 
 async def test_many_updates_coalesce_into_one_row_write(settings: Settings, pg: asyncpg.Connection) -> None:
@@ -96,12 +114,10 @@ async def test_remove_sticks_through_flush_flushall_and_late_writes(settings: Se
         assert row is not None and row["session_state"] == "removed" and row["session_data"] == "{}"
         # A late flush of the old version (a slow flusher) must not bring it back.
         assert manager.store is not None
-        late = RowBatch(session_id=["doomed"], session_data=['{"secret": 1}'], session_state=["active"],
-                        user_id=[None], user_type=[None], ip_address=[None], user_agent=[None],
-                        created_at=[time.time()], last_activity_at=[time.time()],
-                        expires_at=[time.time() + 3600], request_count=[0], total_duration_ms=[0],
-                        metadata=["{}"], version=[stale_version])
-        await manager.store.upsert_batch(late)
+        now_ms = int(time.time() * 1000)
+        late = orjson.dumps({"i": "doomed", "d": {"secret": 1}, "s": "active", "c": now_ms, "la": now_ms,
+                             "ex": now_ms + 3_600_000, "rc": 0, "td": 0, "m": {}, "v": stale_version})
+        await manager.store.upsert_batch([late])
         await redis.flushall()
         assert await manager.get("doomed") is None
         again = await manager.ensure("doomed")

@@ -2,8 +2,8 @@
 
 A session is a Redis hash. Fixed fields have short names; each top-level key of ``data`` is its own field
 ``d:<key>`` and each key of ``metadata`` is ``m:<key>``, holding that value's JSON. Merging a key is then an
-HSET of one field (no read-modify-write, no JSON decoding in Lua), and the flusher assembles the whole
-document for Postgres by concatenating the stored JSON values without parsing them.
+HSET of one field (no read-modify-write, no JSON decoding in Lua), and the flusher's claim.lua assembles
+the whole document for Postgres by concatenating the stored JSON values without parsing them.
 """
 
 from __future__ import annotations
@@ -130,18 +130,6 @@ def encode_document(document: object, prefix: str, what: str) -> list[tuple[byte
         except (UnicodeEncodeError, orjson.JSONEncodeError) as exc:  # lone surrogates, nesting orjson refuses
             raise InvalidSessionData(f"{what}.{key}: cannot be stored as JSON: {exc}") from None
     return pairs
-
-
-def documents_json(fields: Mapping[bytes, bytes]) -> tuple[bytes, bytes]:
-    """``data`` and ``metadata`` as JSON objects in one pass over the hash, without parsing the values."""
-    data: list[bytes] = []
-    meta: list[bytes] = []
-    for key, value in fields.items():
-        if key[:2] == b"d:":
-            data.append(orjson.dumps(key[2:].decode()) + b":" + value)
-        elif key[:2] == b"m:":
-            meta.append(orjson.dumps(key[2:].decode()) + b":" + value)
-    return b"{" + b",".join(data) + b"}", b"{" + b",".join(meta) + b"}"
 
 
 def split_document(document: Mapping[str, Any], prefix: str) -> list[tuple[bytes, bytes]]:

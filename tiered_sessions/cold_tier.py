@@ -75,6 +75,14 @@ class ColdRecord:
     metadata_json: str
     version: int
 
+    @classmethod
+    def from_row(cls, row: bytes) -> ColdRecord:
+        """A row the flusher writes (JSON, as claim.lua builds it) as the record Postgres will hold."""
+        r = orjson.loads(row)
+        return cls(r["i"], orjson.dumps(r["d"]).decode(), r["s"], r.get("u"), r.get("ut"), r.get("ip"), r.get("ua"),
+                   r["c"] / 1000, r["la"] / 1000, r["ex"] / 1000, r["rc"], r["td"], orjson.dumps(r["m"]).decode(),
+                   r["v"])
+
     def is_live(self, now: float) -> bool:
         return self.state in ("active", "closed") and self.expires_at > now
 
@@ -92,39 +100,6 @@ class SessionPage(list[Session]):
     """A page of ``list_sessions``: a plain list, plus ``next_cursor`` (None on the last page)."""
 
     next_cursor: str | None = None
-
-
-@dataclasses.dataclass(slots=True)
-class RowBatch:
-    """Column arrays for ``upsert_batch.sql``, one entry per session."""
-
-    session_id: list[str] = dataclasses.field(default_factory=list)
-    session_data: list[str] = dataclasses.field(default_factory=list)
-    session_state: list[str] = dataclasses.field(default_factory=list)
-    user_id: list[str | None] = dataclasses.field(default_factory=list)
-    user_type: list[str | None] = dataclasses.field(default_factory=list)
-    ip_address: list[str | None] = dataclasses.field(default_factory=list)
-    user_agent: list[str | None] = dataclasses.field(default_factory=list)
-    created_at: list[float] = dataclasses.field(default_factory=list)
-    last_activity_at: list[float] = dataclasses.field(default_factory=list)
-    expires_at: list[float] = dataclasses.field(default_factory=list)
-    request_count: list[int] = dataclasses.field(default_factory=list)
-    total_duration_ms: list[int] = dataclasses.field(default_factory=list)
-    metadata: list[str] = dataclasses.field(default_factory=list)
-    version: list[int] = dataclasses.field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.session_id)
-
-    @classmethod
-    def from_rows(cls, rows: list[tuple[Any, ...]]) -> RowBatch:
-        """Rows (values in column order) as column arrays."""
-        if not rows:
-            return cls()
-        return cls(*(list(column) for column in zip(*rows, strict=True)))
-
-    def columns(self) -> tuple[list[Any], ...]:
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
 
 def asyncpg_dsn(url: str, statement_cache_size: int | None) -> tuple[str, int]:
@@ -210,10 +185,11 @@ class PostgresSessionStore:
         return self.pool
 
     # -- the flusher's path ------------------------------------------------------------------------------
-    async def upsert_batch(self, batch: RowBatch) -> None:
-        """Write a batch in one statement; rows whose version Postgres already has (or passed) are skipped."""
+    async def upsert_batch(self, rows: Sequence[bytes]) -> None:
+        """Write rows (JSON objects as claim.lua builds them) in one statement; rows whose version Postgres
+        already has (or passed) are skipped."""
         pool = await self.ready_pool()
-        await pool.execute(self.sql["upsert_batch"], *batch.columns())
+        await pool.execute(self.sql["upsert_batch"], (b"[" + b",".join(rows) + b"]").decode())
 
     # -- read-through and recovery ------------------------------------------------------------------------
     async def fetch(self, session_id: str) -> ColdRecord | None:
@@ -329,4 +305,4 @@ def _json_object(document: Mapping[str, Any], what: str) -> str:
         raise InvalidSessionData(f"{what}: cannot be stored as JSON: {exc}") from None
 
 
-__all__: Sequence[str] = ("ColdRecord", "PostgresSessionStore", "RowBatch", "SessionPage")
+__all__: Sequence[str] = ("ColdRecord", "PostgresSessionStore", "SessionPage")

@@ -32,7 +32,7 @@ class DeadLetter:
     version: int
     reason: str
     failed_at: float
-    row: tuple[Any, ...]  # the row as the flusher tried to write it (RowBatch column order)
+    row: tuple[Any, ...]  # the row as the flusher tried to write it (ColdRecord's fields, in order)
 
     def to_dict(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "version": self.version, "reason": self.reason,
@@ -47,7 +47,7 @@ class DeadLetters:
         return self.hot.partition_prefix(partition) + "dead"
 
     async def record(self, row: PendingRow, reason: str) -> None:
-        letter = DeadLetter(row.session_id, row.version, reason, time.time(), row.values)
+        letter = DeadLetter(row.session_id, row.version, reason, time.time(), dataclasses.astuple(row.record()))
         await self.hot.client.hset(self.key(row.partition), row.session_id,
                                    orjson.dumps(letter.to_dict()))
         metrics.DEAD_LETTERS.inc()

@@ -11,6 +11,7 @@ An on-demand ``drain()`` (``flush()``, ``close()``) works on every partition; se
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -19,15 +20,13 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from . import metrics
-from .codec import ATTRIBUTE_FIELDS, CREATED, DURATION, EXPIRES, LAST_ACTIVITY, REQUESTS, STATE, VERSION, documents_json
-from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore, RowBatch
+from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
 from .config import Settings
 from .dead_letters import DeadLetters
 from .hot_tier import DirtyEntry, HotTier
@@ -40,7 +39,6 @@ ROW_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.Integr
 # Anything else (servers down, a dropped table, missing rights) is retried with backoff until fixed:
 # the sessions stay dirty in Redis meanwhile, and the flusher never dies of it.
 RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, asyncpg.PostgresError, *TRANSIENT_ERRORS)
-_STATE_NAMES = {b"a": "active", b"c": "closed", b"x": "removed"}
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,36 +52,20 @@ class PassResult:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PendingRow:
-    """One dirty session as the row the flusher writes (values in RowBatch column order)."""
+    """One dirty session as the row the flusher writes."""
 
     partition: int
     session_id: str
     version: int
     kind: str  # upsert, tombstone or expired (the metric's label)
-    values: tuple[Any, ...]
+    row: bytes  # JSON, as claim.lua builds it
+
+    def record(self) -> ColdRecord:
+        """The row as Postgres will hold it (decoded only for dead letters and lifecycle events)."""
+        return ColdRecord.from_row(self.row)
 
 
-def pending_row(partition: int, entry: DirtyEntry, now: float) -> PendingRow | None:
-    fields = entry.fields
-    if VERSION not in fields:
-        return None
-    expires = int(fields[EXPIRES]) / 1000
-    state = _STATE_NAMES[fields.get(STATE, b"a")]
-    if state == "removed":
-        kind, data, meta = "tombstone", "{}", "{}"
-    else:
-        data_json, meta_json = documents_json(fields)
-        data, meta = data_json.decode(), meta_json.decode()
-        kind = "upsert"
-        if expires <= now:
-            kind = state = "expired"
-    version = int(fields[VERSION])
-    values = (entry.session_id, data, state, _text(fields.get(ATTRIBUTE_FIELDS["user_id"])),
-              _text(fields.get(ATTRIBUTE_FIELDS["user_type"])), _text(fields.get(ATTRIBUTE_FIELDS["ip_address"])),
-              _text(fields.get(ATTRIBUTE_FIELDS["user_agent"])), int(fields[CREATED]) / 1000,
-              int(fields[LAST_ACTIVITY]) / 1000, expires, int(fields.get(REQUESTS, 0)),
-              int(fields.get(DURATION, 0)), meta, version)
-    return PendingRow(partition, entry.session_id, version, kind, values)
+_KINDS = {b"u": "upsert", b"t": "tombstone", b"e": "expired"}
 
 
 def _by_partition(rows: list[PendingRow]) -> dict[int, list[tuple[str, int]]]:
@@ -161,52 +143,55 @@ class Flusher:
         (default: now). Acks are fenced by the lease; a partition whose lease is gone is dropped."""
         started = time.perf_counter()
         read_ms = int(time.time() * 1000)
-        partitions = sorted(self.held)
-        claims = await self.hot.claim(partitions, self.batch_size, max_score_ms or read_ms)
-        result = PassResult(claimed=sum(map(len, claims)), full=any(len(c) >= self.batch_size for c in claims))
-        tokens = dict.fromkeys(partitions, self.flusher_id)
-        await self._write_and_ack(dict(zip(partitions, claims, strict=True)), read_ms, tokens, result)
+        result = PassResult()
+        tokens = dict.fromkeys(self.held, self.flusher_id)
+
+        async def one_group(group: list[int]) -> None:
+            claims = await self.hot.claim(group, self.batch_size, max_score_ms or read_ms, read_ms)
+            result.claimed += sum(map(len, claims))
+            result.full = result.full or any(len(c) >= self.batch_size for c in claims)
+            await self._write_and_ack(dict(zip(group, claims, strict=True)), read_ms, tokens, result)
+
+        await self._in_groups(sorted(self.held), one_group)
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
         return result
 
-    async def _write_and_ack(self, claims: dict[int, list[DirtyEntry]], read_ms: int, tokens: dict[int, str],
-                             result: PassResult) -> dict[int, int]:
-        """Write the claimed entries, then ack them under ``tokens``. Returns the ack replies per partition
-        (-1: the lease is not ours, nothing cleared there)."""
-        replies: dict[int, int] = {}
-        pending = [(partition, entry) for partition, entries in claims.items() for entry in entries]
-        # A few chunks at once: while Postgres runs one chunk's upsert, Python builds the next chunk's rows
-        # (the flusher is CPU-bound in Python; strictly one after the other, each side waits for the other).
-        slots = asyncio.Semaphore(self.write_concurrency)
-
-        async def one_chunk(chunk: list[tuple[int, DirtyEntry]]) -> None:
-            async with slots:
-                rows: list[PendingRow] = []
-                gone: dict[int, list[tuple[str, int]]] = {}
-                for partition, entry in chunk:
-                    row = pending_row(partition, entry, read_ms / 1000)
-                    if row is None:  # the hash is gone (FLUSHALL, eviction): nothing to write, drop the mark
-                        gone.setdefault(partition, []).append((entry.session_id, 0))
-                    else:
-                        rows.append(row)
-                written = await self._write(rows) if rows else []
-                result.written += len(written)
-                result.dead += len(rows) - len(written)
-                acks = _by_partition(rows)
-                for partition, entries in gone.items():
-                    acks.setdefault(partition, []).extend(entries)
-                for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
-                    replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
-                        replies.get(partition, 0) + cleared
-
-        outcomes = await asyncio.gather(*(one_chunk(pending[start:start + self.batch_size])
-                                          for start in range(0, len(pending), self.batch_size)),
-                                        return_exceptions=True)
-        for outcome in outcomes:  # every chunk has finished (a finished write is harmless): now report
+    async def _in_groups(self, partitions: list[int], work: Callable[[list[int]], Awaitable[None]]) -> None:
+        """Run ``work`` (claim, write, ack) on a few groups of the partitions side by side, so that one group's
+        claim runs in Redis (which builds the rows) while another's upsert runs in Postgres and a third's
+        rows go out from Python; one after the other, each of the three would wait for the others."""
+        groups = [partitions[i::self.write_concurrency] for i in range(self.write_concurrency)]
+        outcomes = await asyncio.gather(*(work(group) for group in groups if group), return_exceptions=True)
+        for outcome in outcomes:  # every group has finished (a finished write is harmless): now report
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def _write_and_ack(self, claims: dict[int, list[DirtyEntry]], read_ms: int, tokens: dict[int, str],
+                             result: PassResult) -> None:
+        """Write the claimed entries, a batch at a time, acking each batch under ``tokens``. A partition whose
+        ack is refused (the lease is not ours: nothing cleared there) is dropped from ``held``."""
+        replies: dict[int, int] = {}
+        pending = [(partition, entry) for partition, entries in claims.items() for entry in entries]
+        for start in range(0, len(pending), self.batch_size):
+            rows: list[PendingRow] = []
+            gone: dict[int, list[tuple[str, int]]] = {}
+            for partition, entry in pending[start:start + self.batch_size]:
+                if entry.version:
+                    rows.append(PendingRow(partition, entry.session_id, entry.version, _KINDS[entry.kind],
+                                           entry.row))
+                else:  # the hash is gone (FLUSHALL, eviction): nothing to write, drop the mark
+                    gone.setdefault(partition, []).append((entry.session_id, 0))
+            written = await self._write(rows) if rows else []
+            result.written += len(written)
+            result.dead += len(rows) - len(written)
+            acks = _by_partition(rows)
+            for partition, entries in gone.items():
+                acks.setdefault(partition, []).extend(entries)
+            for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
+                replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
+                    replies.get(partition, 0) + cleared
         for partition, cleared in replies.items():
             if cleared < 0:
                 if partition in self.held:
@@ -215,7 +200,6 @@ class Flusher:
                 self.held.discard(partition)
             else:
                 result.acked += cleared
-        return replies
 
     def _count(self, result: PassResult) -> None:
         self.totals.claimed += result.claimed
@@ -228,7 +212,7 @@ class Flusher:
         the batch until the bad rows are alone, dead-letter them, and write the rest. Returns what was written;
         every row passed in is handled (written or dead-lettered) when this returns."""
         try:
-            await self.cold.upsert_batch(RowBatch.from_rows([row.values for row in rows]))
+            await self.cold.upsert_batch([row.row for row in rows])
         except ROW_ERRORS as exc:
             if len(rows) == 1:
                 await self.dead_letters.record(rows[0], f"{type(exc).__name__}: {exc}")
@@ -236,10 +220,13 @@ class Flusher:
             middle = len(rows) // 2
             return await self._write(rows[:middle]) + await self._write(rows[middle:])
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
-        for row in rows:
-            metrics.FLUSHED_ROWS.labels(row.kind).inc()
-            if self.on_written is not None and row.kind != "upsert":
-                self.on_written(row)
+        kinds = collections.Counter(row.kind for row in rows)
+        for kind, count in kinds.items():
+            metrics.FLUSHED_ROWS.labels(kind).inc(count)
+        if self.on_written is not None and len(rows) > kinds["upsert"]:
+            for row in rows:
+                if row.kind != "upsert":
+                    self.on_written(row)
         return rows
 
     async def update_gauges(self) -> tuple[int, float]:
@@ -343,33 +330,38 @@ class Flusher:
         started = time.perf_counter()
         read_ms = int(time.time() * 1000)
         await self.renew()
-        limits = [self.batch_size + extra[p] for p in self.partitions]
-        claims = await self.hot.claim(self.partitions, limits, up_to or read_ms)
-        fresh: dict[int, list[DirtyEntry]] = {}
+        result = PassResult()
         skipped = 0
         saw_all = True
-        for partition, entries, limit in zip(self.partitions, claims, limits, strict=True):
-            new = [e for e in entries if done.get(e.session_id) != int(e.fields.get(VERSION, 0))]
-            skipped += len(entries) - len(new)
-            extra[partition] = len(entries) - len(new)
-            if len(entries) >= limit:
-                saw_all = False
-            if new:
-                fresh[partition] = new
-        result = PassResult(claimed=sum(map(len, fresh.values())), full=not saw_all)
-        tokens = dict.fromkeys(fresh, "?" + self.flusher_id)  # ours or nobody's (our loop may take one meanwhile)
-        await self._write_and_ack(fresh, read_ms, tokens, result)
-        for entries in fresh.values():
-            for entry in entries:
-                done[entry.session_id] = int(entry.fields.get(VERSION, 0))
+        wrote = False
+
+        async def one_group(group: list[int]) -> None:
+            nonlocal skipped, saw_all, wrote
+            limits = [self.batch_size + extra[p] for p in group]
+            claims = await self.hot.claim(group, limits, up_to or read_ms, read_ms)
+            fresh: dict[int, list[DirtyEntry]] = {}
+            for partition, entries, limit in zip(group, claims, limits, strict=True):
+                new = [e for e in entries if done.get(e.session_id) != e.version]
+                skipped += len(entries) - len(new)
+                extra[partition] = len(entries) - len(new)
+                if len(entries) >= limit:
+                    saw_all = False
+                if new:
+                    fresh[partition] = new
+            result.claimed += sum(map(len, fresh.values()))
+            tokens = dict.fromkeys(fresh, "?" + self.flusher_id)  # ours or nobody's (our loop may take one)
+            await self._write_and_ack(fresh, read_ms, tokens, result)
+            for entries in fresh.values():
+                for entry in entries:
+                    done[entry.session_id] = entry.version
+            wrote = wrote or bool(fresh)
+
+        await self._in_groups(self.partitions, one_group)
+        result.full = not saw_all
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
-        return result, skipped, saw_all and not fresh
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
+        return result, skipped, saw_all and not wrote
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -36,8 +36,13 @@ class SessionKeys:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DirtyEntry:
+    """A claimed dirty session: its row for Postgres as JSON (built by claim.lua), or version 0 and no row
+    when the hash is gone (nothing to write, just clear the mark)."""
+
     session_id: str
-    fields: dict[bytes, bytes]  # empty when the hash is gone (nothing to write, just clear the mark)
+    version: int
+    kind: bytes  # b"u" upsert, b"t" tombstone, b"e" expired
+    row: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,14 +201,16 @@ class HotTier:
         return sum(int(reply[0]) for reply in replies)
 
     # -- flusher ------------------------------------------------------------------------------------------
-    async def claim(self, partitions: Sequence[int], limit: int | Sequence[int], max_score_ms: int
+    async def claim(self, partitions: Sequence[int], limit: int | Sequence[int], max_score_ms: int, now_ms: int
                     ) -> list[list[DirtyEntry]]:
-        """The oldest dirty entries of each partition; ``limit`` is one for all, or one per partition."""
+        """The oldest dirty entries of each partition (dirty at or before ``max_score_ms``); ``limit`` is one
+        for all, or one per partition. A row whose expiry is at or before ``now_ms`` comes as expired."""
         limits = [limit] * len(partitions) if isinstance(limit, int) else list(limit)
-        calls = [(scripts.CLAIM, [self.dirty_key(p)], [self.session_key_prefix(p), n, max_score_ms])
+        calls = [(scripts.CLAIM, [self.dirty_key(p)], [self.session_key_prefix(p), n, max_score_ms, now_ms])
                  for p, n in zip(partitions, limits, strict=True)]
         replies = await self.pipeline.run_scripts(calls)
-        return [[DirtyEntry(reply[i].decode(), pairs_to_dict(reply[i + 1])) for i in range(0, len(reply), 2)]
+        return [[DirtyEntry(reply[i].decode(), int(reply[i + 1] or 0), reply[i + 2] or b"", reply[i + 3] or b"")
+                 for i in range(0, len(reply), 4)]
                 for reply in replies]
 
     async def ack(self, written: dict[int, list[tuple[str, int]]], read_ms: int, tokens: dict[int, str]

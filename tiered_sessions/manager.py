@@ -725,7 +725,7 @@ class SessionManager:
     def _row_written(self, row: PendingRow) -> None:
         kind = "removed" if row.kind == "tombstone" else "expired"
         if self.events.wants(kind):
-            self.events.emit(kind, row.session_id, ColdRecord(*row.values).to_session())
+            self.events.emit(kind, row.session_id, row.record().to_session())
 
     async def dead_letters(self) -> DeadLetters:
         """The store of rows Postgres rejected: ``list()``, ``replay(ids)``, ``drop(ids)``."""

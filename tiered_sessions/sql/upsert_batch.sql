@@ -1,15 +1,15 @@
--- The flusher's one statement per batch. Arrays keep the text constant for any batch size (one prepared
--- statement); the version guard makes replays and late or duplicate flushes harmless.
+-- The flusher's one statement per batch: $1 is a JSON array of rows built by claim.lua (short keys: i id,
+-- d data, s state, u/ut/ip/ua attributes, c/la/ex times in ms, rc/td counters, m metadata, v version).
+-- One text parameter keeps the statement constant for any batch size (one prepared statement) and costs
+-- the client nothing per row; the version guard makes replays and late or duplicate flushes harmless.
 INSERT INTO ${table} AS s (
     session_id, session_data, session_state, user_id, user_type, ip_address, user_agent,
     created_at, updated_at, last_activity_at, expires_at, request_count, total_duration_ms, metadata, version)
-SELECT r.session_id, r.session_data::jsonb, r.session_state, r.user_id, r.user_type, r.ip_address, r.user_agent,
-       to_timestamp(r.created_at), now(), to_timestamp(r.last_activity_at), to_timestamp(r.expires_at),
-       r.request_count, r.total_duration_ms, r.metadata::jsonb, r.version
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::float8[], $9::float8[], $10::float8[], $11::int8[], $12::int8[], $13::text[], $14::int8[])
-     AS r(session_id, session_data, session_state, user_id, user_type, ip_address, user_agent,
-          created_at, last_activity_at, expires_at, request_count, total_duration_ms, metadata, version)
+SELECT r.i, r.d, r.s, r.u, r.ut, r.ip, r.ua, to_timestamp(r.c / 1000.0), now(), to_timestamp(r.la / 1000.0),
+       to_timestamp(r.ex / 1000.0), r.rc, r.td, r.m, r.v
+FROM json_to_recordset($1::json)
+     AS r(i text, d jsonb, s text, u text, ut text, ip text, ua text, c int8, la int8, ex int8, rc int8, td int8,
+          m jsonb, v int8)
 ON CONFLICT (session_id) DO UPDATE SET
     session_data = excluded.session_data,
     session_state = excluded.session_state,
