@@ -30,7 +30,7 @@ async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS, [T + 2000, 60_000, 5, "a", "1"]) == [2, 1, 5]
+    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", T + 2000, 5, "a", ""]) == [[2, 1, 5]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
@@ -44,7 +44,7 @@ async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.Fak
     await _create(fake)
     assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0]) == 2
     assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0]) == -1  # already a tombstone
-    assert await scripts.TOUCH(fake, KEYS, [T + 3002, 60_000, 5, "a", "1"]) == -1
+    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", T + 3002, 5, "a", ""]) == [-1]
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.

@@ -97,12 +97,12 @@ class HotTier:
 
     async def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
                     ) -> int | list[int]:
-        keys = self.keys(session_id)
-        args: list[Any] = [now_ms, self.timeout_ms, duration_ms, session_id, self.persist]
-        if journal_version is not None:
-            args.append(journal_version)
-        result: int | list[int] = await self.pipeline.evalsha(scripts.TOUCH, [keys.session, keys.dirty, keys.live],
-                                                               args)
+        partition = partition_of(session_id, self.partitions)
+        base = self.partition_prefix(partition)
+        result: int | list[int] = await self.pipeline.combined(
+            scripts.TOUCH, (self.timeout_ms, self.persist), (base + "s:" + session_id, base + "dirty", base + "live"),
+            (now_ms, duration_ms, session_id, "" if journal_version is None else journal_version),
+            partition if self.cluster else None)
         return result
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,

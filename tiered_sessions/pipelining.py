@@ -13,6 +13,7 @@ call.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Sequence
@@ -28,10 +29,38 @@ from .scripts import LuaScript
 
 log = logging.getLogger(__name__)
 
-# A queued call: the command's arguments, the script it runs (None for a plain command), and its caller.
-_Call = tuple[tuple[Any, ...], LuaScript | None, "asyncio.Future[Any]"]
+# A queued call: the command's arguments, the script it runs (None for a plain command), and its caller, or
+# the callers of a combined script call (one reply each, in order).
+_Call = tuple[tuple[Any, ...], LuaScript | None, "asyncio.Future[Any] | list[asyncio.Future[Any]]"]
 
 KEPT_CONNECTIONS = 8  # idle connections kept between round trips; more in flight go back to the pool after
+COMBINE_LIMIT = 256  # calls per combined script call: bounds how long one script holds Redis
+SPLIT_AT = 16  # calls gathered in one loop turn from which they go as two round trips (see _send_queued)
+
+
+@dataclasses.dataclass(slots=True)
+class _Combined:
+    """Calls of one script, gathering in this loop turn, to be sent as one script call."""
+
+    script: LuaScript
+    shared: tuple[Any, ...]
+    keys: list[Any] = dataclasses.field(default_factory=list)
+    args: list[Any] = dataclasses.field(default_factory=list)
+    futures: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
+
+    def call(self) -> _Call:
+        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, *self.args), self.script,
+                self.futures)
+
+    def halves(self) -> list[_Combined]:
+        count = len(self.futures)
+        if count < 2:
+            return [self]
+        keys, args, middle = len(self.keys) // count, len(self.args) // count, count // 2
+        return [_Combined(self.script, self.shared, self.keys[:middle * keys], self.args[:middle * args],
+                          self.futures[:middle]),
+                _Combined(self.script, self.shared, self.keys[middle * keys:], self.args[middle * args:],
+                          self.futures[middle:])]
 
 
 class AutoPipeline:
@@ -43,6 +72,7 @@ class AutoPipeline:
         self._scheduled = False
         self._in_flight = 0  # round trips under way
         self._kept: list[AbstractConnection] = []
+        self._combining: dict[tuple[str, tuple[Any, ...], int | None], _Combined] = {}
 
     def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
         return self._call(("EVALSHA", script.sha, len(keys), *keys, *args), script)
@@ -50,8 +80,37 @@ class AutoPipeline:
     def command(self, *args: Any) -> Awaitable[Any]:
         return self._call(args, None)
 
+    def combined(self, script: LuaScript, shared: tuple[Any, ...], keys: Sequence[Any], args: Sequence[Any],
+                 slot: int | None = None) -> Awaitable[Any]:
+        """One call of a script written to take many: its ARGV is ``shared``, then each call's ``args`` (a
+        fixed number per call), its KEYS each call's ``keys``, and it replies with a list, one reply per call.
+        Calls made in the same loop turn with the same script, shared args and ``slot`` (a cluster slot's
+        stand-in; None on one Redis) go as one script call, so Redis pays its per-script cost once for all."""
+        if not (self._in_flight or self._queue or self._combining):
+            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, *args), script)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        group_key = (script.sha, shared, slot)
+        group = self._combining.get(group_key)
+        if group is None:
+            group = self._combining[group_key] = _Combined(script, shared)
+        group.keys += keys
+        group.args += args
+        group.futures.append(future)
+        if len(group.futures) >= COMBINE_LIMIT:
+            del self._combining[group_key]
+            self._queue.append(group.call())
+        self._schedule(loop)
+        return future
+
+    async def _direct_combined(self, args: tuple[Any, ...], script: LuaScript) -> Any:
+        (reply,) = await self._direct(args, script)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def _call(self, args: tuple[Any, ...], script: LuaScript | None) -> Awaitable[Any]:
-        if self._in_flight or self._queue:
+        if self._in_flight or self._queue or self._combining:
             return self._enqueue(args, script)
         # Nothing else under way (a quiet process): send it now, without the hop through the loop that
         # batching needs. Calls arriving meanwhile see it in flight and batch up behind it.
@@ -71,19 +130,35 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((args, script, future))
+        self._schedule(loop)
+        return future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._scheduled:
             self._scheduled = True
             # call_soon runs after every task already ready in this turn has queued its call.
             loop.call_soon(self._send_queued)
-        return future
 
     def _send_queued(self) -> None:
+        """Send what this loop turn gathered. Many calls go as two round trips, not one: Redis runs the second
+        while this process handles the first's replies (and its callers make their next calls). With one,
+        each side waits for the other, and the pair is no faster than their sum."""
         self._scheduled = False
-        queue, self._queue = self._queue, []
-        for start in range(0, len(queue), self.max_batch):
-            batch = queue[start:start + self.max_batch]
-            task = asyncio.ensure_future(self._send(batch))
-            task.add_done_callback(_report_unexpected)
+        calls, self._queue = self._queue, []
+        groups = list(self._combining.values())
+        self._combining.clear()
+        if len(calls) + sum(len(group.futures) for group in groups) < SPLIT_AT:
+            lanes = [calls + [group.call() for group in groups]]
+        else:
+            lanes = [calls[:len(calls) // 2], calls[len(calls) // 2:]]
+            for group in groups:
+                for lane, half in zip(lanes, group.halves(), strict=False):
+                    lane.append(half.call())
+        for lane in lanes:
+            for start in range(0, len(lane), self.max_batch):
+                if lane[start:start + self.max_batch]:
+                    task = asyncio.ensure_future(self._send(lane[start:start + self.max_batch]))
+                    task.add_done_callback(_report_unexpected)
 
     async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]]) -> list[Any]:
         """Send ``(command args, script)`` calls now, in one round trip; error replies come back as
@@ -121,21 +196,26 @@ class AutoPipeline:
         try:
             results = await self.run([(args, script) for args, script, _ in batch])
         except asyncio.CancelledError:
-            for _, _, future in batch:
-                future.cancel()
+            for _, _, target in batch:
+                for future in target if isinstance(target, list) else [target]:
+                    future.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - not swallowed: every caller in the round trip gets it
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, _, target in batch:
+                for future in target if isinstance(target, list) else [target]:
+                    _settle(future, exc)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller was cancelled meanwhile
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for (_, _, target), result in zip(batch, results, strict=True):
+            if not isinstance(target, list):
+                _settle(target, result)
+            elif isinstance(result, list) and len(result) == len(target):
+                for future, reply in zip(target, result, strict=True):
+                    _settle(future, reply)
+            else:  # an error for the whole script call (or a script that broke its contract)
+                error = result if isinstance(result, Exception) else \
+                    ResponseError(f"combined script call replied {type(result).__name__}, not one reply per call")
+                for future in target:
+                    _settle(future, error)
 
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send the commands in one write and read every reply; error replies come back as exceptions.
@@ -209,20 +289,30 @@ def pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP. Leaner than redis-py's generic packer, which was a third of the hot path's CPU."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if type(arg) is bytes:
-            value = arg
-        elif type(arg) is str:
+        kind = type(arg)
+        if kind is str:
             value = arg.encode()
-        elif type(arg) is int:
+        elif kind is int:
             value = b"%d" % arg
+        elif kind is bytes:
+            value = arg
         elif isinstance(arg, bytes | bytearray | memoryview):
             value = bytes(arg)
         elif isinstance(arg, int | float):
             value = repr(arg).encode()
         else:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%s\r\n" % (len(value), value))
+        parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
     return b"".join(parts)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _report_unexpected(task: asyncio.Task[None]) -> None:
