@@ -152,7 +152,7 @@ def pgbouncer_url(postgres_server: PostgresServer) -> Iterator[str]:
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 log = (folder / "pgbouncer.log").read_text() if (folder / "pgbouncer.log").exists() else ""
-                raise RuntimeError(f"pgbouncer did not start: {process.stderr.read() if process.stderr else ''} "
+                raise RuntimeError(f"pgbouncer did not start: {process.stderr.read() if process.stderr else b''!r} "
                                    f"{log}") from None
             time.sleep(0.05)
     yield f"postgresql://postgres@127.0.0.1:{port}/postgres?pgbouncer=true"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from prometheus_client import REGISTRY
 
 from tiered_sessions import cli, metrics
@@ -118,7 +118,7 @@ def test_promtool_checks_config_and_rules_and_runs_the_alert_unit_tests() -> Non
 
 def _sample_names() -> set[str]:
     """Every series name the tier's metrics can export (counters' _total, histograms' _bucket, ...)."""
-    names = set()
+    names: set[str] = set()
     for metric in metrics.all_metrics():
         for family in metric.describe():
             suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),

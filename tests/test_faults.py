@@ -103,7 +103,8 @@ async def test_postgres_down_under_write_load(redis_url: str, own_postgres: Post
         assert metrics["dirty_sessions"] == 0
     connection = await asyncpg.connect(own_postgres.url)
     try:
-        counts = dict(await connection.fetch("SELECT session_id, request_count FROM public.sessions"))
+        rows = await connection.fetch("SELECT session_id, request_count FROM public.sessions")
+        counts = {row["session_id"]: row["request_count"] for row in rows}
     finally:
         await connection.close()
     for sid in ids:

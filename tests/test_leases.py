@@ -31,7 +31,7 @@ from .test_faults import _touch_load
 async def _holders(redis: aioredis.Redis, settings: Settings) -> list[str | None]:
     """The lease token of every partition (None: free)."""
     values = await redis.mget([f"{settings.key_prefix}:{{p{p}}}:lease" for p in range(settings.partitions)])
-    return [None if v is None else v.decode() for v in values]
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
 @pytest.fixture

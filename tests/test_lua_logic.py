@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
@@ -11,9 +12,9 @@ from tiered_sessions import scripts
 
 
 @pytest.fixture
-async def fake() -> fakeredis.FakeAsyncRedis:
+async def fake() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
     client = fakeredis.FakeAsyncRedis()
-    yield client  # type: ignore[misc]
+    yield client
     await client.aclose()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -13,9 +14,9 @@ from tiered_sessions.migrate import migrate, migration_files
 
 
 @pytest.fixture
-async def fresh(database_url: str, pg: asyncpg.Connection) -> Settings:
+async def fresh(database_url: str, pg: asyncpg.Connection) -> AsyncIterator[Settings]:
     schema = f"m_{uuid.uuid4().hex[:10]}"
-    yield Settings(database_url=database_url, schema=schema)  # type: ignore[misc]
+    yield Settings(database_url=database_url, schema=schema)
     await pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -33,7 +34,8 @@ async def test_concurrent_calls_share_round_trips(settings: Settings, monkeypatc
         # 100 calls: the first goes straight out; the 99 gathered meanwhile go as two combined script calls,
         # one per round trip (Redis runs one while this process handles the other's replies)
         assert batches in ([1], [1, 1], [1, 1, 1])
-        assert all(s.request_count == 1 for s in await asyncio.gather(*(manager.get(sid) for sid in ids)))
+        assert all(s is not None and s.request_count == 1
+                   for s in await asyncio.gather(*(manager.get(sid) for sid in ids)))
 
 
 async def test_a_combined_call_fails_only_the_session_at_fault(manager: SessionManager,
@@ -61,9 +63,10 @@ async def test_scripts_reload_after_script_flush(manager: SessionManager, redis:
 async def test_one_failing_call_does_not_fail_its_neighbours(redis_url: str, redis: aioredis.Redis) -> None:
     await redis.set("a-string", "x")
     pipeline = AutoPipeline(redis, timeout=5)
-    good, bad, also_good = await asyncio.gather(pipeline.command("SET", "k", "v"),
-                                                pipeline.command("HGETALL", "a-string"),
-                                                pipeline.command("GET", "k"), return_exceptions=True)
+    results: tuple[Any, ...] = await asyncio.gather(pipeline.command("SET", "k", "v"),
+                                                    pipeline.command("HGETALL", "a-string"),
+                                                    pipeline.command("GET", "k"), return_exceptions=True)
+    good, bad, also_good = results
     assert good == b"OK" and also_good == b"v"
     assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
 
@@ -97,7 +100,7 @@ async def test_round_trips_reuse_a_kept_connection(redis: aioredis.Redis, monkey
     async def counting() -> object:
         nonlocal checkouts
         checkouts += 1
-        return await original()
+        return await original()  # type: ignore[no-untyped-call]
 
     monkeypatch.setattr(pool, "get_connection", counting)
     for i in range(20):
@@ -110,7 +113,7 @@ async def test_round_trips_reuse_a_kept_connection(redis: aioredis.Redis, monkey
 async def test_a_kept_connection_the_server_closed_is_replaced(redis: aioredis.Redis) -> None:
     pipeline = AutoPipeline(redis, timeout=5)
     assert await pipeline.command("CLIENT", "SETNAME", "kept-by-pipeline") == b"OK"
-    killed = await redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")
+    killed = await redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")  # type: ignore[no-untyped-call]
     assert killed >= 1
     await asyncio.sleep(0.05)  # the EOF reaches our side of the kept connection
     assert await pipeline.command("SET", "after-kill", "v") == b"OK"

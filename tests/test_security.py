@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import hypothesis.strategies as st
@@ -39,7 +40,7 @@ def test_fuzzed_calls_work_or_raise_named_errors(settings: Settings) -> None:
     @hypothesis_settings(max_examples=150, deadline=None,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     def fuzz(session_id: Any, data: Any, metadata: Any, duration: Any, attribute: Any) -> None:
-        calls = [
+        calls: list[Callable[[], Coroutine[Any, Any, Any]]] = [
             lambda: manager.ensure(session_id, data=data, metadata=metadata, user_agent=attribute),
             lambda: manager.update(session_id, data=data, metadata=metadata, user_id=attribute),
             lambda: manager.update_activity(session_id, request_duration_ms=duration),

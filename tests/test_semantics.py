@@ -38,8 +38,9 @@ async def test_edits_are_validated_before_anything_is_written(manager: SessionMa
     for bad in ({"set": {"scalar.inner": 1}}, {"set": {"a..b": 1}}, {"set": {"x": float("nan")}},
                 {"set": {"k": 1}, "unset": ["k"]}, {"set": {"k": 1, "k.j": 2}}, {"unset": "k"}):
         with pytest.raises(InvalidSessionData):
-            await manager.update("edits", **bad)  # type: ignore[arg-type]
-    assert (await manager.get("edits")).version == version  # type: ignore[union-attr]
+            await manager.update("edits", **bad)
+    edited = await manager.get("edits")
+    assert edited is not None and edited.version == version
     await manager.update("edits", unset=["missing.path", "also_missing"])  # deleting nothing is fine
 
 
@@ -93,8 +94,9 @@ async def test_per_user_index_from_redis_and_from_postgres(manager: SessionManag
     assert await manager.list_user_sessions("bob") == []
     assert len(await manager.list_user_sessions("carol")) == 1
     await manager.flush()
-    states = dict(await pg.fetch(f"SELECT session_id, session_state FROM {settings.qualified_table} "
-                                 "WHERE session_id = ANY($1::text[])", [*mine, moved.session_id]))
+    rows = await pg.fetch(f"SELECT session_id, session_state FROM {settings.qualified_table} "
+                          "WHERE session_id = ANY($1::text[])", [*mine, moved.session_id])
+    states = {row["session_id"]: row["session_state"] for row in rows}
     assert set(states.values()) == {"removed"} and len(states) == 7  # tombstones keep no user data
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -11,12 +12,12 @@ from tiered_sessions import InvalidSessionData, InvalidSessionId, PostgresSessio
 
 
 @pytest.fixture(params=["direct", "pgbouncer-transaction-mode"])
-async def store(request: pytest.FixtureRequest, settings: Settings) -> PostgresSessionStore:
+async def store(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[PostgresSessionStore]:
     """Every store test runs on a direct connection and through PgBouncer in transaction mode."""
     if request.param != "direct":
         settings = dataclasses.replace(settings, database_url=request.getfixturevalue("pgbouncer_url"))
     async with PostgresSessionStore(settings=settings) as opened:
-        yield opened  # type: ignore[misc]
+        yield opened
 
 
 async def test_save_load_update_delete(store: PostgresSessionStore) -> None:
@@ -64,7 +65,8 @@ async def test_cleanup_marks_expired_and_purges_old_rows(store: PostgresSessionS
     await pg.execute(f"UPDATE {settings.qualified_table} SET updated_at = now() - interval '8 days' "
                      "WHERE session_id = 'old-tombstone'")
     assert await store.cleanup_expired_sessions(older_than_days=7) == 1
-    states = dict(await pg.fetch(f"SELECT session_id, session_state FROM {settings.qualified_table}"))
+    rows = await pg.fetch(f"SELECT session_id, session_state FROM {settings.qualified_table}")
+    states = {row["session_id"]: row["session_state"] for row in rows}
     assert states == {"live": "active", "timed-out": "expired"}
 
 
