@@ -124,9 +124,10 @@ async def test_a_cancelled_round_trip_leaves_no_reply_behind(redis: aioredis.Red
     """A caller cancelled while its reply is on the way must not hand that reply to the next caller."""
     pipeline = AutoPipeline(redis, timeout=5)
     await redis.set("slow-key", "slow")
-    slow = asyncio.ensure_future(pipeline.command("EVAL", "local t = redis.call('TIME') "
-                                                  "while redis.call('TIME')[1] - t[1] < 1 do end "
-                                                  "return redis.call('GET', KEYS[1])", 1, "slow-key"))
+    # Busy for one second (TIME is seconds and microseconds: whole seconds alone may tick over at once).
+    busy = ("local function now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end "
+            "local start = now() while now() - start < 1000000 do end return redis.call('GET', KEYS[1])")
+    slow = asyncio.ensure_future(pipeline.command("EVAL", busy, 1, "slow-key"))
     await asyncio.sleep(0.2)
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -1,9 +1,13 @@
 """Automatic pipelining: hot-path calls that many tasks make in the same event-loop turn share one round trip.
 
 Per call, redis-py's own work (checking out a connection, packing, parsing) is the limit, not Redis. Calls
-queued while the loop runs other tasks are sent together at the end of the turn as one pipeline
-(no MULTI: each command is independent and atomic on its own, as a Lua script is). While a pipeline is in
-flight the next one gathers, so a busy process keeps a few round trips in flight, each carrying many calls.
+queued while the loop runs other tasks are sent together at the end of the turn (no MULTI: each command is
+independent and atomic on its own, as a Lua script is). While a round trip is in flight the next one
+gathers, so a busy process keeps a few round trips in flight, each carrying many calls. Many calls go as two
+round trips, so that Redis runs one while this process handles the other's replies.
+
+A script written to take many calls at once (``combined``; update_activity's touch.lua) goes as one script
+call per turn: Redis's per-script cost, larger than a touch's own work, is then paid once per turn.
 
 The pipeline keeps the few connections it uses checked out between round trips: redis-py's pool takes a
 lock and dispatches events on every checkout, which cost more than the round trip's own work for a single
