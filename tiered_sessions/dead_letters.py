@@ -11,17 +11,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from . import metrics, scripts
 from .codec import hash_from_record, partition_of
 from .cold_tier import ColdRecord
-from .hot_tier import HotTier
-
-if TYPE_CHECKING:
-    from .flusher import PendingRow
+from .hot_tier import DirtyEntry, HotTier
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +43,9 @@ class DeadLetters:
     def key(self, partition: int) -> str:
         return self.hot.partition_prefix(partition) + "dead"
 
-    async def record(self, row: PendingRow, reason: str) -> None:
-        letter = DeadLetter(row.session_id, row.version, reason, time.time(), dataclasses.astuple(row.record()))
+    async def record(self, row: DirtyEntry, reason: str) -> None:
+        letter = DeadLetter(row.session_id, row.version, reason, time.time(),
+                            dataclasses.astuple(ColdRecord.from_row(row.row)))
         await self.hot.client.hset(self.key(row.partition), row.session_id,
                                    orjson.dumps(letter.to_dict()))
         metrics.DEAD_LETTERS.inc()

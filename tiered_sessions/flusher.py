@@ -26,7 +26,7 @@ import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from . import metrics
-from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
+from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore
 from .config import Settings
 from .dead_letters import DeadLetters
 from .hot_tier import DirtyEntry, HotTier
@@ -50,28 +50,11 @@ class PassResult:
     full: bool = False  # some partition had more than one batch waiting
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PendingRow:
-    """One dirty session as the row the flusher writes."""
-
-    partition: int
-    session_id: str
-    version: int
-    kind: str  # upsert, tombstone or expired (the metric's label)
-    row: bytes  # JSON, as claim.lua builds it
-
-    def record(self) -> ColdRecord:
-        """The row as Postgres will hold it (decoded only for dead letters and lifecycle events)."""
-        return ColdRecord.from_row(self.row)
-
-
-_KINDS = {b"u": "upsert", b"t": "tombstone", b"e": "expired"}
-
-
-def _by_partition(rows: list[PendingRow]) -> dict[int, list[tuple[str, int]]]:
+def _by_partition(entries: list[DirtyEntry]) -> dict[int, list[tuple[str, int]]]:
+    """The (session id, version) pairs to ack, per partition (version 0: the hash was gone)."""
     acks: dict[int, list[tuple[str, int]]] = {}
-    for row in rows:
-        acks.setdefault(row.partition, []).append((row.session_id, row.version))
+    for entry in entries:
+        acks.setdefault(entry.partition, []).append((entry.session_id, entry.version))
     return acks
 
 
@@ -91,7 +74,7 @@ class Flusher:
         self.totals = PassResult()  # since start, for summaries (the metrics hold the same per process)
         self.dead_letters = DeadLetters(hot)
         # Called for every tombstone or expired row written, before the ack (lifecycle events).
-        self.on_written: Callable[[PendingRow], None] | None = None
+        self.on_written: Callable[[DirtyEntry], None] | None = None
 
     # -- leases -------------------------------------------------------------------------------------------
     def fair_share(self, live: list[str]) -> int:
@@ -173,23 +156,15 @@ class Flusher:
         """Write the claimed entries, a batch at a time, acking each batch under ``tokens``. A partition whose
         ack is refused (the lease is not ours: nothing cleared there) is dropped from ``held``."""
         replies: dict[int, int] = {}
-        pending = [(partition, entry) for partition, entries in claims.items() for entry in entries]
+        pending = [entry for entries in claims.values() for entry in entries]
         for start in range(0, len(pending), self.batch_size):
-            rows: list[PendingRow] = []
-            gone: dict[int, list[tuple[str, int]]] = {}
-            for partition, entry in pending[start:start + self.batch_size]:
-                if entry.version:
-                    rows.append(PendingRow(partition, entry.session_id, entry.version, _KINDS[entry.kind],
-                                           entry.row))
-                else:  # the hash is gone (FLUSHALL, eviction): nothing to write, drop the mark
-                    gone.setdefault(partition, []).append((entry.session_id, 0))
+            batch = pending[start:start + self.batch_size]
+            # An entry whose hash is gone (FLUSHALL, eviction) has nothing to write: its mark is just dropped.
+            rows = [entry for entry in batch if entry.version]
             written = await self._write(rows) if rows else []
             result.written += len(written)
             result.dead += len(rows) - len(written)
-            acks = _by_partition(rows)
-            for partition, entries in gone.items():
-                acks.setdefault(partition, []).extend(entries)
-            for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
+            for partition, cleared in (await self.hot.ack(_by_partition(batch), read_ms, tokens)).items():
                 replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
                     replies.get(partition, 0) + cleared
         for partition, cleared in replies.items():
@@ -207,7 +182,7 @@ class Flusher:
         self.totals.acked += result.acked
         self.totals.dead += result.dead
 
-    async def _write(self, rows: list[PendingRow]) -> list[PendingRow]:
+    async def _write(self, rows: list[DirtyEntry]) -> list[DirtyEntry]:
         """Upsert ``rows`` in one statement. If Postgres rejects a row (a data or constraint error), split
         the batch until the bad rows are alone, dead-letter them, and write the rest. Returns what was written;
         every row passed in is handled (written or dead-lettered) when this returns."""
@@ -220,10 +195,9 @@ class Flusher:
             middle = len(rows) // 2
             return await self._write(rows[:middle]) + await self._write(rows[middle:])
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
-        kinds = collections.Counter(row.kind for row in rows)
-        for kind, count in kinds.items():
+        for kind, count in collections.Counter(row.kind for row in rows).items():
             metrics.FLUSHED_ROWS.labels(kind).inc(count)
-        if self.on_written is not None and len(rows) > kinds["upsert"]:
+        if self.on_written is not None:
             for row in rows:
                 if row.kind != "upsert":
                     self.on_written(row)

@@ -29,6 +29,7 @@ EXISTING, CREATED, MISS, OVER_LIMIT = 1, 2, 0, -1
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionKeys:
+    partition: int
     session: str
     dirty: str
     live: str
@@ -36,13 +37,17 @@ class SessionKeys:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DirtyEntry:
-    """A claimed dirty session: its row for Postgres as JSON (built by claim.lua), or version 0 and no row
-    when the hash is gone (nothing to write, just clear the mark)."""
+    """A claimed dirty session: its row for Postgres as JSON (built by claim.lua), or version 0, kind "gone"
+    and no row when the hash is gone (nothing to write, just clear the mark)."""
 
+    partition: int
     session_id: str
     version: int
-    kind: bytes  # b"u" upsert, b"t" tombstone, b"e" expired
+    kind: str  # upsert, tombstone, expired (the flushed-rows metric's label) or gone
     row: bytes
+
+
+_KINDS = {b"u": "upsert", b"t": "tombstone", b"e": "expired", b"": "gone"}  # claim.lua's codes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,8 +92,9 @@ class HotTier:
         return f"{self.prefix}:flushers"
 
     def keys(self, session_id: str) -> SessionKeys:
-        base = self.partition_prefix(partition_of(session_id, self.partitions))
-        return SessionKeys(base + "s:" + session_id, base + "dirty", base + "live")
+        partition = partition_of(session_id, self.partitions)
+        base = self.partition_prefix(partition)
+        return SessionKeys(partition, base + "s:" + session_id, base + "dirty", base + "live")
 
     # -- hot path: one round trip each -------------------------------------------------------------------
     async def read(self, session_id: str) -> dict[bytes, bytes]:
@@ -97,12 +103,11 @@ class HotTier:
 
     async def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
                     ) -> int | list[int]:
-        partition = partition_of(session_id, self.partitions)
-        base = self.partition_prefix(partition)
+        keys = self.keys(session_id)
         result: int | list[int] = await self.pipeline.combined(
-            scripts.TOUCH, (self.timeout_ms, self.persist), (base + "s:" + session_id, base + "dirty", base + "live"),
+            scripts.TOUCH, (self.timeout_ms, self.persist), (keys.session, keys.dirty, keys.live),
             (now_ms, duration_ms, session_id, "" if journal_version is None else journal_version),
-            partition if self.cluster else None)
+            keys.partition if self.cluster else None)
         return result
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
@@ -209,9 +214,10 @@ class HotTier:
         calls = [(scripts.CLAIM, [self.dirty_key(p)], [self.session_key_prefix(p), n, max_score_ms, now_ms])
                  for p, n in zip(partitions, limits, strict=True)]
         replies = await self.pipeline.run_scripts(calls)
-        return [[DirtyEntry(reply[i].decode(), int(reply[i + 1] or 0), reply[i + 2] or b"", reply[i + 3] or b"")
+        return [[DirtyEntry(p, reply[i].decode(), int(reply[i + 1] or 0), _KINDS[reply[i + 2] or b""],
+                            reply[i + 3] or b"")
                  for i in range(0, len(reply), 4)]
-                for reply in replies]
+                for p, reply in zip(partitions, replies, strict=True)]
 
     async def ack(self, written: dict[int, list[tuple[str, int]]], read_ms: int, tokens: dict[int, str]
                   ) -> dict[int, int]:

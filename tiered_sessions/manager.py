@@ -38,8 +38,8 @@ from .errors import (
     VersionConflict,
 )
 from .events import EventHub, Listener
-from .flusher import RETRYABLE, Flusher, PendingRow
-from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, HotTier
+from .flusher import RETRYABLE, Flusher
+from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, DirtyEntry, HotTier
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, REMOVED, Session
 from .redis_client import CLUSTER_ERRORS, REDIS_ERRORS, RedisClient, is_unreachable, make_client
@@ -722,10 +722,10 @@ class SessionManager:
         """Call ``await listener(event)`` when a session is found expired (flusher or cleanup)."""
         return self.events.subscribe("expired", listener)
 
-    def _row_written(self, row: PendingRow) -> None:
+    def _row_written(self, row: DirtyEntry) -> None:
         kind = "removed" if row.kind == "tombstone" else "expired"
         if self.events.wants(kind):
-            self.events.emit(kind, row.session_id, row.record().to_session())
+            self.events.emit(kind, row.session_id, ColdRecord.from_row(row.row).to_session())
 
     async def dead_letters(self) -> DeadLetters:
         """The store of rows Postgres rejected: ``list()``, ``replay(ids)``, ``drop(ids)``."""

@@ -90,7 +90,7 @@ class AutoPipeline:
         fixed number per call), its KEYS each call's ``keys``, and it replies with a list, one reply per call.
         Calls made in the same loop turn with the same script, shared args and ``slot`` (a cluster slot's
         stand-in; None on one Redis) go as one script call, so Redis pays its per-script cost once for all."""
-        if not (self._in_flight or self._queue or self._combining):
+        if self._quiet:
             return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, *args), script)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -113,12 +113,14 @@ class AutoPipeline:
             raise reply
         return reply
 
+    @property
+    def _quiet(self) -> bool:
+        """Nothing under way or gathering: a call may go straight out, without the hop through the loop that
+        batching needs (calls arriving meanwhile see it in flight and batch up behind it)."""
+        return not (self._in_flight or self._queue or self._combining)
+
     def _call(self, args: tuple[Any, ...], script: LuaScript | None) -> Awaitable[Any]:
-        if self._in_flight or self._queue or self._combining:
-            return self._enqueue(args, script)
-        # Nothing else under way (a quiet process): send it now, without the hop through the loop that
-        # batching needs. Calls arriving meanwhile see it in flight and batch up behind it.
-        return self._direct(args, script)
+        return self._direct(args, script) if self._quiet else self._enqueue(args, script)
 
     async def _direct(self, args: tuple[Any, ...], script: LuaScript | None) -> Any:
         self._in_flight += 1
@@ -159,10 +161,9 @@ class AutoPipeline:
                 for lane, half in zip(lanes, group.halves(), strict=False):
                     lane.append(half.call())
         for lane in lanes:
-            for start in range(0, len(lane), self.max_batch):
-                if lane[start:start + self.max_batch]:
-                    task = asyncio.ensure_future(self._send(lane[start:start + self.max_batch]))
-                    task.add_done_callback(_report_unexpected)
+            for start in range(0, len(lane), self.max_batch):  # an empty lane sends nothing
+                task = asyncio.ensure_future(self._send(lane[start:start + self.max_batch]))
+                task.add_done_callback(_report_unexpected)
 
     async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]]) -> list[Any]:
         """Send ``(command args, script)`` calls now, in one round trip; error replies come back as
@@ -201,12 +202,12 @@ class AutoPipeline:
             results = await self.run([(args, script) for args, script, _ in batch])
         except asyncio.CancelledError:
             for _, _, target in batch:
-                for future in target if isinstance(target, list) else [target]:
+                for future in _callers(target):
                     future.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - not swallowed: every caller in the round trip gets it
             for _, _, target in batch:
-                for future in target if isinstance(target, list) else [target]:
+                for future in _callers(target):
                     _settle(future, exc)
             return
         for (_, _, target), result in zip(batch, results, strict=True):
@@ -308,6 +309,10 @@ def pack(args: tuple[Any, ...]) -> bytes:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
         parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
     return b"".join(parts)
+
+
+def _callers(target: asyncio.Future[Any] | list[asyncio.Future[Any]]) -> list[asyncio.Future[Any]]:
+    return target if isinstance(target, list) else [target]
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
