@@ -86,7 +86,9 @@ async def test_redis_down_fails_every_waiting_call(settings: Settings, own_redis
 
 
 def test_pack_matches_resp() -> None:
-    assert pack(("SET", b"k", 12, 1.5)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    expected = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    assert pack(("SET", b"k", 12, 1.5)) == expected
+    assert pack(("SET", bytearray(b"k"), 12, 1.5)) == expected  # hiredis refuses a bytearray: the fallback packs it
     with pytest.raises(TypeError):
         pack(("SET", object()))
 

@@ -12,8 +12,8 @@ Layout, with ``p`` = crc32(session_id) % partitions so one partition's keys shar
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
 
@@ -27,8 +27,7 @@ from .redis_client import RedisClient
 EXISTING, CREATED, MISS, OVER_LIMIT = 1, 2, 0, -1
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SessionKeys:
+class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to build than a dataclass
     partition: int
     session: str
     dirty: str
@@ -67,6 +66,10 @@ class HotTier:
         self.tombstone_ttl_ms = int(settings.tombstone_ttl_secs * 1000)
         self.max_bytes = settings.max_session_bytes
         self.live_keys = [self.live_key(p) for p in range(self.partitions)]
+        # Per partition: the session key prefix, the dirty index and the live index (what keys() puts together).
+        self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.live_key(p))
+                                for p in range(self.partitions)]
+        self._touch_shared = (self.timeout_ms, self.persist)
         self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
         # On a cluster every script touches one slot: the session limit is counted before the script instead.
         self.cluster = isinstance(client, RedisCluster)
@@ -93,22 +96,22 @@ class HotTier:
 
     def keys(self, session_id: str) -> SessionKeys:
         partition = partition_of(session_id, self.partitions)
-        base = self.partition_prefix(partition)
-        return SessionKeys(partition, base + "s:" + session_id, base + "dirty", base + "live")
+        session_prefix, dirty, live = self._partition_keys[partition]
+        return SessionKeys(partition, session_prefix + session_id, dirty, live)
 
     # -- hot path: one round trip each -------------------------------------------------------------------
     async def read(self, session_id: str) -> dict[bytes, bytes]:
         reply = await self.pipeline.command("HGETALL", self.keys(session_id).session)
         return reply if isinstance(reply, dict) else pairs_to_dict(reply)  # RESP3 sends a map, RESP2 a list
 
-    async def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
-                    ) -> int | list[int]:
-        keys = self.keys(session_id)
-        result: int | list[int] = await self.pipeline.combined(
-            scripts.TOUCH, (self.timeout_ms, self.persist), (keys.session, keys.dirty, keys.live),
+    def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
+              ) -> Awaitable[int | list[int]]:
+        """Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less."""
+        partition, session, dirty, live = self.keys(session_id)
+        return self.pipeline.combined(
+            scripts.TOUCH, self._touch_shared, (session, dirty, live),
             (now_ms, duration_ms, session_id, "" if journal_version is None else journal_version),
-            keys.partition if self.cluster else None)
-        return result
+            partition if self.cluster else None)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      max_sessions: int | None, size: int, pairs: Sequence[bytes | str]

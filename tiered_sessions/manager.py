@@ -381,7 +381,7 @@ class SessionManager:
                 or not 0 <= request_duration_ms < 2**53:
             raise InvalidSessionData("request_duration_ms must be a non-negative number")
         duration = int(request_duration_ms)
-        hot = await self._ready()
+        hot = self._hot if self._hot is not None else await self._ready()
         if self.degraded is not None and self.degraded.active and await self.degraded.still_active():
             counted = await self.degraded.touch(sid, duration)
             held = self._sessions.get(sid)

@@ -23,6 +23,7 @@ import math
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError, ResponseError
@@ -291,6 +292,16 @@ class AutoPipeline:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, by hiredis's C packer (twice as fast as ``_pack_python``, the same bytes);
+    ``_pack_python`` takes the arguments hiredis refuses (bytearray)."""
+    try:
+        packed: bytes = pack_command(args)
+    except TypeError:
+        return _pack_python(args)
+    return packed
+
+
+def _pack_python(args: tuple[Any, ...]) -> bytes:
     """One command in RESP. Leaner than redis-py's generic packer, which was a third of the hot path's CPU."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
