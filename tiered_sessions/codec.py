@@ -35,6 +35,9 @@ REQUESTS: Final = b"rc"
 DURATION: Final = b"td"
 SIZE: Final = b"sz"
 FOLDED: Final = b"jv"  # newest Postgres version this copy includes (journal replay applies only newer ones)
+# "1": Postgres holds this session whole as of its last ack, so while only touches follow, the flusher
+# writes activity rows (claim.lua); set by ack.lua, removed by every other write (update, rotate, redirty).
+KEPT: Final = b"k"
 ATTRIBUTE_FIELDS: Final = {"user_id": b"u", "user_type": b"ut", "ip_address": b"ip", "user_agent": b"ua"}
 DATA_PREFIX: Final = "d:"
 META_PREFIX: Final = "m:"

@@ -130,8 +130,8 @@ class PostgresSessionStore:
         self._pool: asyncpg.Pool | None = None
         self._connect_lock = asyncio.Lock()
         self.sql = {name: load_sql(name, self.settings) for name in (
-            "upsert_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state", "save",
-            "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
+            "upsert_batch", "activity_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state",
+            "save", "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
             "degraded_remove", "journal_page", "journal_delete", "journal_count", "user_sessions")}
 
     async def __aenter__(self) -> Self:
@@ -190,6 +190,13 @@ class PostgresSessionStore:
         already has (or passed) are skipped."""
         pool = await self.ready_pool()
         await pool.execute(self.sql["upsert_batch"], (b"[" + b",".join(rows) + b"]").decode())
+
+    async def write_activity_batch(self, rows: Sequence[bytes]) -> list[str]:
+        """Write activity rows (version, times and counters of sessions Postgres holds whole) in one
+        statement, under the same version guard; returns the ids that have no row at all."""
+        pool = await self.ready_pool()
+        missing = await pool.fetch(self.sql["activity_batch"], (b"[" + b",".join(rows) + b"]").decode())
+        return [row[0] for row in missing]
 
     # -- read-through and recovery ------------------------------------------------------------------------
     async def fetch(self, session_id: str) -> ColdRecord | None:

@@ -50,11 +50,12 @@ class PassResult:
     full: bool = False  # some partition had more than one batch waiting
 
 
-def _by_partition(entries: list[DirtyEntry]) -> dict[int, list[tuple[str, int]]]:
-    """The (session id, version) pairs to ack, per partition (version 0: the hash was gone)."""
-    acks: dict[int, list[tuple[str, int]]] = {}
+def _by_partition(entries: list[DirtyEntry], kept: set[str]) -> dict[int, list[tuple[str, int, bool]]]:
+    """The (session id, version, kept) entries to ack, per partition (version 0: the hash was gone; kept:
+    Postgres now holds that version whole)."""
+    acks: dict[int, list[tuple[str, int, bool]]] = {}
     for entry in entries:
-        acks.setdefault(entry.partition, []).append((entry.session_id, entry.version))
+        acks.setdefault(entry.partition, []).append((entry.session_id, entry.version, entry.session_id in kept))
     return acks
 
 
@@ -152,19 +153,26 @@ class Flusher:
                 raise outcome
 
     async def _write_and_ack(self, claims: dict[int, list[DirtyEntry]], read_ms: int, tokens: dict[int, str],
-                             result: PassResult) -> None:
+                             result: PassResult) -> set[str]:
         """Write the claimed entries, a batch at a time, acking each batch under ``tokens``. A partition whose
-        ack is refused (the lease is not ours: nothing cleared there) is dropped from ``held``."""
+        ack is refused (the lease is not ours: nothing cleared there) is dropped from ``held``. Returns the
+        ids left dirty to be written whole by the next pass (activity rows Postgres could not take)."""
         replies: dict[int, int] = {}
+        rewrites: set[str] = set()
         pending = [entry for entries in claims.values() for entry in entries]
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start:start + self.batch_size]
             # An entry whose hash is gone (FLUSHALL, eviction) has nothing to write: its mark is just dropped.
-            rows = [entry for entry in batch if entry.version]
-            written = await self._write(rows) if rows else []
-            result.written += len(written)
-            result.dead += len(rows) - len(written)
-            for partition, cleared in (await self.hot.ack(_by_partition(batch), read_ms, tokens)).items():
+            whole = [entry for entry in batch if entry.version and entry.kind != "activity"]
+            activity = [entry for entry in batch if entry.kind == "activity"]
+            written = await self._write(whole) if whole else []
+            rewrite = await self._write_activity(activity) if activity else set()
+            rewrites |= rewrite
+            result.written += len(written) + len(activity) - len(rewrite)
+            result.dead += len(whole) - len(written)
+            kept = {entry.session_id for entry in written} | {entry.session_id for entry in activity}
+            acks = _by_partition([entry for entry in batch if entry.session_id not in rewrite], kept - rewrite)
+            for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
                 replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
                     replies.get(partition, 0) + cleared
         for partition, cleared in replies.items():
@@ -175,6 +183,7 @@ class Flusher:
                 self.held.discard(partition)
             else:
                 result.acked += cleared
+        return rewrites
 
     def _count(self, result: PassResult) -> None:
         self.totals.claimed += result.claimed
@@ -199,9 +208,26 @@ class Flusher:
             metrics.FLUSHED_ROWS.labels(kind).inc(count)
         if self.on_written is not None:
             for row in rows:
-                if row.kind != "upsert":
+                if row.kind in ("tombstone", "expired"):
                     self.on_written(row)
         return rows
+
+    async def _write_activity(self, rows: list[DirtyEntry]) -> set[str]:
+        """Write activity rows in one statement. Returns the ids to write whole instead (left dirty, without
+        the mark that makes activity rows): those with no row in Postgres, or all of them if Postgres refused
+        the batch, so that the whole-row path isolates and dead-letters a bad row."""
+        try:
+            rewrite = set(await self.cold.write_activity_batch([row.row for row in rows]))
+        except ROW_ERRORS as exc:
+            log.warning("PostgreSQL refused %d activity rows (%s: %s): writing them as whole rows", len(rows),
+                        type(exc).__name__, exc)
+            metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
+            rewrite = {row.session_id for row in rows}
+        if rewrite:
+            await self.hot.rewrite_whole(sorted(rewrite), int(time.time() * 1000))
+        metrics.FLUSH_BATCH_ROWS.observe(len(rows))
+        metrics.FLUSHED_ROWS.labels("activity").inc(len(rows) - len(rewrite))
+        return rewrite
 
     async def update_gauges(self) -> tuple[int, float]:
         """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
@@ -324,10 +350,11 @@ class Flusher:
                     fresh[partition] = new
             result.claimed += sum(map(len, fresh.values()))
             tokens = dict.fromkeys(fresh, "?" + self.flusher_id)  # ours or nobody's (our loop may take one)
-            await self._write_and_ack(fresh, read_ms, tokens, result)
+            rewrites = await self._write_and_ack(fresh, read_ms, tokens, result)
             for entries in fresh.values():
                 for entry in entries:
-                    done[entry.session_id] = entry.version
+                    if entry.session_id not in rewrites:
+                        done[entry.session_id] = entry.version
             wrote = wrote or bool(fresh)
 
         await self._in_groups(self.partitions, one_group)

@@ -42,11 +42,11 @@ class DirtyEntry:
     partition: int
     session_id: str
     version: int
-    kind: str  # upsert, tombstone, expired (the flushed-rows metric's label) or gone
+    kind: str  # upsert, activity, tombstone, expired (the flushed-rows metric's label) or gone
     row: bytes
 
 
-_KINDS = {b"u": "upsert", b"t": "tombstone", b"e": "expired", b"": "gone"}  # claim.lua's codes
+_KINDS = {b"u": "upsert", b"a": "activity", b"t": "tombstone", b"e": "expired", b"": "gone"}  # claim.lua's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -222,22 +222,31 @@ class HotTier:
                  for i in range(0, len(reply), 4)]
                 for p, reply in zip(partitions, replies, strict=True)]
 
-    async def ack(self, written: dict[int, list[tuple[str, int]]], read_ms: int, tokens: dict[int, str]
+    async def ack(self, written: dict[int, list[tuple[str, int, bool]]], read_ms: int, tokens: dict[int, str]
                   ) -> dict[int, int]:
-        """Clear dirty marks of (session_id, version) pairs now durable in Postgres, per partition, under the
-        partition's lease (``tokens[p]``; "" for no lease). Returns per partition how many were cleared, or -1
-        where the lease is not ours (nothing cleared there)."""
+        """Clear dirty marks of (session_id, version, kept) entries now durable in Postgres, per partition,
+        under the partition's lease (``tokens[p]``; "" for no lease). ``kept``: Postgres holds that version
+        whole (not dead-lettered), so later touches may flush as activity rows. Returns per partition how many
+        were cleared, or -1 where the lease is not ours (nothing cleared there)."""
         calls = []
         for partition, entries in written.items():
             flat: list[str | int] = []
-            for session_id, version in entries:
-                flat += (session_id, version)
+            for session_id, version, kept in entries:
+                flat += (session_id, version, "1" if kept else "0")
             calls.append((scripts.ACK, [self.dirty_key(partition), self.live_key(partition),
                                         self.lease_key(partition)],
                           [self.session_key_prefix(partition), self.tombstone_ttl_ms, read_ms,
                            tokens.get(partition, ""), *flat]))
         replies = await self.pipeline.run_scripts(calls)
         return {partition: int(reply) for partition, reply in zip(written, replies, strict=True)}
+
+    async def rewrite_whole(self, session_ids: Sequence[str], now_ms: int) -> None:
+        """Keep these sessions dirty, to be written as whole rows by the next pass (redirty.lua)."""
+        calls = []
+        for session_id in session_ids:
+            keys = self.keys(session_id)
+            calls.append((scripts.REDIRTY, [keys.session, keys.dirty], [now_ms, session_id]))
+        await self.pipeline.run_scripts(calls)
 
     # -- flusher leases -----------------------------------------------------------------------------------
     async def take_leases(self, partitions: Sequence[int], token: str, lease_ms: int) -> list[bool]:

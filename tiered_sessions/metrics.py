@@ -31,11 +31,13 @@ if TYPE_CHECKING:
 
 # -- per process --------------------------------------------------------------------------------------------
 FLUSHED_ROWS = Counter("tiered_sessions_flushed_rows_total",
-                       "Rows written to Postgres by the flusher, by kind (upsert, tombstone, expired).", ["kind"])
+                       "Rows written to Postgres by the flusher, by kind (upsert, activity, tombstone, expired).",
+                       ["kind"])
 FLUSH_ERRORS = Counter("tiered_sessions_flush_errors_total",
                        "Failed flush attempts, by error kind (the exception's class name).", ["kind"])
 FLUSH_RETRIES = Counter("tiered_sessions_flush_retries_total", "Flush attempts retried after a backoff.")
-FLUSH_BATCH_ROWS = Histogram("tiered_sessions_flush_batch_rows", "Rows per upsert statement.",
+FLUSH_BATCH_ROWS = Histogram("tiered_sessions_flush_batch_rows",
+                             "Rows per write statement (whole rows or activity rows).",
                              buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 FLUSH_DURATION = Histogram("tiered_sessions_flush_duration_seconds",
                            "Time of one flush pass (claim, write, ack).",
@@ -87,7 +89,7 @@ def set_mode(mode: str) -> None:
 
 set_mode("normal")
 # Series that exist from the start, so rate() over them reads 0 rather than "no data".
-for _kind in ("upsert", "tombstone", "expired"):
+for _kind in ("upsert", "activity", "tombstone", "expired"):
     FLUSHED_ROWS.labels(_kind)
 for _tier in ("hot", "cold", "miss"):
     READS.labels(_tier)

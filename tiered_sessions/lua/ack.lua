@@ -4,7 +4,8 @@
 -- (its Postgres write was harmless: the version guard). A token '?<id>' (an on-demand flush(), which needs no
 -- lease) is accepted while <id> holds the lease or nobody does.
 -- KEYS: dirty index, live index, lease key (all in the partition's slot)
--- ARGV: session key prefix, tombstone_ttl_ms, read_ms, lease token, then id/version pairs
+-- ARGV: session key prefix, tombstone_ttl_ms, read_ms, lease token, then id/version/kept triples (kept '1':
+--       Postgres now holds that version whole, so while only touches follow, claim.lua sends activity rows)
 -- Returns the number of entries cleared, or -1 when the lease is not ours
 local holder = redis.call('GET', KEYS[3])
 if string.sub(ARGV[4], 1, 1) == '?' then
@@ -13,7 +14,7 @@ elseif holder ~= ARGV[4] then
   return -1
 end
 local cleared = 0
-for i = 5, #ARGV, 2 do
+for i = 5, #ARGV, 3 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
   local current = redis.call('HMGET', key, 'v', 'st', 'ex')
@@ -27,6 +28,8 @@ for i = 5, #ARGV, 2 do
       redis.call('PEXPIRE', key, ARGV[2])
       redis.call('ZREM', KEYS[2], id)
     else
+      -- before the expiry: a PEXPIREAT in the past deletes the key, and an HSET after it would recreate it
+      if ARGV[i + 2] == '1' then redis.call('HSET', key, 'k', '1') end
       redis.call('PEXPIREAT', key, current[3])
     end
   else

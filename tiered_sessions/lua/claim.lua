@@ -1,11 +1,13 @@
 -- claim: the oldest dirty sessions of one partition, each as the JSON row the flusher writes, as one
 -- consistent snapshot. Building the rows here keeps the flusher's Python out of the per-field work: its
--- batch is these rows joined into one JSON array (see upsert_batch.sql for the keys).
+-- batch is these rows joined into one JSON array (see upsert_batch.sql and activity_batch.sql for the keys).
 -- KEYS: dirty index
 -- ARGV: session key prefix (same hash tag as the dirty index), limit, max_score (dirty since at most this),
 --       now_ms (a live session whose expiry has passed is written as 'expired')
--- Returns {id, version, kind, row} per entry, flat. kind: 'u' upsert, 't' tombstone, 'e' expired. An id
--- whose hash is gone comes with version false (nothing to write: the caller just clears its mark).
+-- Returns {id, version, kind, row} per entry, flat. kind: 'u' upsert, 't' tombstone, 'e' expired, 'a'
+-- activity: only version, times and counters, for a live session whose data, attributes and state Postgres
+-- holds already ('k' = '1': set by the ack of a full write, removed by every write other than a touch). An
+-- id whose hash is gone comes with version false (nothing to write: the caller just clears its mark).
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
 local now = tonumber(ARGV[4])
 local encode = cjson.encode
@@ -18,10 +20,17 @@ local function text(value)
   return 'null'
 end
 
-local out = {}
-local n = 0
-for _, id in ipairs(ids) do
-  local flat = redis.call('HGETALL', ARGV[1] .. id)
+-- Under touch-only traffic most rows are these: seven fields instead of the whole hash.
+local function activity_row(id, key)
+  if redis.call('HGET', key, 'k') ~= '1' then return false end  -- one field: cheap for the full rows
+  local f = redis.call('HMGET', key, 'st', 'ex', 'v', 'la', 'rc', 'td')
+  if f[1] ~= 'a' or tonumber(f[2]) <= now then return false end
+  return f[3], 'a', '{"i":' .. encode(id) .. ',"v":' .. f[3] .. ',"la":' .. f[4] .. ',"ex":' .. f[2] ..
+    ',"rc":' .. (f[5] or '0') .. ',"td":' .. (f[6] or '0') .. '}'
+end
+
+local function full_row(id, key)
+  local flat = redis.call('HGETALL', key)
   local f, data, meta = {}, {}, {}
   for i = 1, #flat, 2 do
     local field, value = flat[i], flat[i + 1]
@@ -35,26 +44,31 @@ for _, id in ipairs(ids) do
       f[field] = value
     end
   end
-  if not f.v then
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = id, false, false, false
+  if not f.v then return false, false, false end
+  local kind, state, data_json, meta_json
+  if f.st == 'x' then
+    kind, state, data_json, meta_json = 't', 'removed', '{}', '{}'
   else
-    local kind, state, data_json, meta_json
-    if f.st == 'x' then
-      kind, state, data_json, meta_json = 't', 'removed', '{}', '{}'
+    data_json, meta_json = '{' .. concat(data, ',') .. '}', '{' .. concat(meta, ',') .. '}'
+    if tonumber(f.ex) <= now then
+      kind, state = 'e', 'expired'
     else
-      data_json, meta_json = '{' .. concat(data, ',') .. '}', '{' .. concat(meta, ',') .. '}'
-      if tonumber(f.ex) <= now then
-        kind, state = 'e', 'expired'
-      else
-        kind, state = 'u', state_names[f.st or 'a'] or 'active'
-      end
+      kind, state = 'u', state_names[f.st or 'a'] or 'active'
     end
-    out[n + 1], out[n + 2], out[n + 3] = id, f.v, kind
-    out[n + 4] = '{"i":' .. encode(id) .. ',"v":' .. f.v .. ',"s":"' .. state .. '","d":' .. data_json ..
-      ',"m":' .. meta_json .. ',"u":' .. text(f.u) .. ',"ut":' .. text(f.ut) .. ',"ip":' .. text(f.ip) ..
-      ',"ua":' .. text(f.ua) .. ',"c":' .. f.c .. ',"la":' .. f.la .. ',"ex":' .. f.ex ..
-      ',"rc":' .. (f.rc or '0') .. ',"td":' .. (f.td or '0') .. '}'
   end
+  return f.v, kind, '{"i":' .. encode(id) .. ',"v":' .. f.v .. ',"s":"' .. state .. '","d":' .. data_json ..
+    ',"m":' .. meta_json .. ',"u":' .. text(f.u) .. ',"ut":' .. text(f.ut) .. ',"ip":' .. text(f.ip) ..
+    ',"ua":' .. text(f.ua) .. ',"c":' .. f.c .. ',"la":' .. f.la .. ',"ex":' .. f.ex ..
+    ',"rc":' .. (f.rc or '0') .. ',"td":' .. (f.td or '0') .. '}'
+end
+
+local out = {}
+local n = 0
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. id
+  local version, kind, row = activity_row(id, key)
+  if not version then version, kind, row = full_row(id, key) end
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = id, version, kind, row
   n = n + 4
 end
 return out

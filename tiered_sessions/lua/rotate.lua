@@ -12,7 +12,8 @@ if fields['st'] == 'x' or tonumber(fields['ex']) <= now then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 local version = tonumber(fields['v']) + 1
 for i = 1, #old, 2 do
-  if old[i] ~= 'jv' then redis.call('HSET', KEYS[2], old[i], old[i + 1]) end
+  -- not 'k': Postgres has no row for the new id yet
+  if old[i] ~= 'jv' and old[i] ~= 'k' then redis.call('HSET', KEYS[2], old[i], old[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'v', version)
 redis.call('DEL', KEYS[1])

@@ -45,6 +45,7 @@ for i = attributes, #ARGV, 2 do
 end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'st', ARGV[5]) end
 redis.call('HSET', KEYS[1], 'sz', size)
+redis.call('HDEL', KEYS[1], 'k')  -- Postgres lacks this change: the next flush writes the whole row
 local version = redis.call('HINCRBY', KEYS[1], 'v', 1)
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[2])
