@@ -150,6 +150,9 @@ async def test_persistence_disabled_uses_redis_only(redis_url: str, redis: aiore
         assert metrics["persistence_enabled"] is False and metrics["dirty_sessions"] == 0
         ttl = await redis.pttl(f"nop:{{p{_partition('solo')}}}:s:solo")
         assert 0 < ttl <= 60_000  # never pinned: nothing would ever flush it
+        await manager.ensure("other", user_id="erin")
+        await manager.ensure("mine", user_id="frank")
+        assert [s.session_id for s in await manager.list_user_sessions("frank")] == ["mine"]
         await manager.remove("solo")
         assert await manager.get("solo") is None
         assert session.state == "removed"

@@ -100,6 +100,20 @@ async def test_per_user_index_from_redis_and_from_postgres(manager: SessionManag
     assert set(states.values()) == {"removed"} and len(states) == 7  # tombstones keep no user data
 
 
+async def test_per_user_listing_follows_an_owner_change_postgres_has_not_seen(manager: SessionManager,
+                                                                              pg: asyncpg.Connection,
+                                                                              settings: Settings) -> None:
+    """Postgres still says carol (the row is flushed), Redis says dave (dirty): Redis's copy wins."""
+    session = await manager.ensure(user_id="carol")
+    await manager.flush()
+    await manager.update(session.session_id, user_id="dave")
+    assert (await pg_row(pg, settings, session.session_id))["user_id"] == "carol"  # type: ignore[index]
+    assert await manager.list_user_sessions("carol") == []
+    assert [s.session_id for s in await manager.list_user_sessions("dave")] == [session.session_id]
+    await manager.flush()
+    assert [s.session_id for s in await manager.list_user_sessions("dave")] == [session.session_id]
+
+
 async def test_lifecycle_events_come_from_the_data(settings: Settings) -> None:
     events: list[SessionEvent] = []
 

@@ -142,9 +142,8 @@ class HotTier:
                      journal_version: int | None = None) -> int | list[int]:
         """``pairs``/``guards`` are flat field, value lists; a guard's value ``b""`` means "field absent"."""
         keys = self.keys(session_id)
-        partition_prefix = keys.session[: -len(session_id) - 2]
         result: int | list[int] = await self.pipeline.evalsha(
-            scripts.UPDATE, [keys.session, keys.dirty, partition_prefix],
+            scripts.UPDATE, [keys.session, keys.dirty],
             [now_ms, session_id, self.max_bytes, self.persist, state, len(pairs) // 2,
              "" if journal_version is None else journal_version,
              "" if expected_version is None else expected_version, len(unset), len(guards) // 2,
@@ -165,21 +164,22 @@ class HotTier:
             return reply
         return reply if isinstance(reply, dict) else pairs_to_dict(reply)
 
-    def user_index_key(self, partition: int, user_id: str) -> str:
-        return self.partition_prefix(partition) + "user:" + user_id
-
-    async def user_session_ids(self, user_id: str) -> list[list[str]]:
-        """Ids the per-user index lists, per partition (may include dead ones: callers check)."""
-        pipe = self.client.pipeline(transaction=False)
-        for p in range(self.partitions):
-            pipe.smembers(self.user_index_key(p, user_id))
-        return [[member.decode() for member in reply] for reply in await pipe.execute()]
-
-    async def forget_user_sessions(self, user_id: str, session_ids: Sequence[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for sid in session_ids:
-            pipe.srem(self.user_index_key(partition_of(sid, self.partitions), user_id), sid)
-        await pipe.execute()
+    async def dirty_ids_of_user(self, user_id: str, page: int = 1000) -> list[str]:
+        """Ids of the user's sessions that are dirty (Postgres may not hold them, or not as this user's), a
+        page of each partition's dirty index per round trip."""
+        found: list[str] = []
+        starts = dict.fromkeys(range(self.partitions), 0)
+        while starts:
+            calls = [(scripts.DIRTY_OF_USER, [self.dirty_key(p)], [self.session_key_prefix(p), user_id, start, page])
+                     for p, start in starts.items()]
+            replies = await self.pipeline.run_scripts(calls)
+            for p, reply in zip(list(starts), replies, strict=True):
+                found += (member.decode() for member in reply[1:])
+                if int(reply[0]) < 0:
+                    del starts[p]
+                else:
+                    starts[p] = int(reply[0])
+        return found
 
     async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      journal_version: int | None = None) -> int:

@@ -681,8 +681,9 @@ class SessionManager:
 
     @_backend_errors("list_user_sessions")
     async def list_user_sessions(self, user_id: str) -> list[Session]:
-        """The user's live sessions, oldest first: from Redis's per-user index, and from Postgres for
-        sessions Redis does not hold (a cold or restarted Redis)."""
+        """The user's live sessions, oldest first. Postgres's user_id index lists the flushed ones, the dirty
+        index the rest (new sessions, a new owner): each candidate is then read and its owner checked. Without
+        persistence, every live session in Redis is checked."""
         uid = codec.validate_attribute("user_id", user_id)
         if uid is None:
             raise InvalidSessionData("user_id must be a string")
@@ -692,15 +693,16 @@ class SessionManager:
             records = [await self.degraded.load(sid) for sid in await self.store.user_session_ids(uid)]
             return sorted((r.to_session() for r in records if r is not None and r.user_id == uid),
                           key=lambda s: s.created_at)
-        indexed = [sid for partition in await hot.user_session_ids(uid) for sid in partition]
-        candidates = dict.fromkeys(indexed)
+        if self._persist:
+            candidates = dict.fromkeys(await hot.dirty_ids_of_user(uid))
+        else:
+            live = [sid for partition in await hot.live_ids(_now_ms()) for sid in partition]
+            owners = await hot.read_fields(live, [codec.ATTRIBUTE_FIELDS["user_id"]])
+            candidates = dict.fromkeys(sid for sid, (owner,) in zip(live, owners, strict=True)
+                                       if owner == uid.encode())
         if self.store is not None:
             candidates.update(dict.fromkeys(await self.store.user_session_ids(uid)))
         sessions = await asyncio.gather(*(self.get(sid) for sid in candidates))
-        stale = [sid for sid, s in zip(candidates, sessions, strict=True)
-                 if sid in indexed and (s is None or s.user_id != uid)]
-        if stale:
-            await hot.forget_user_sessions(uid, stale)
         return sorted((s for s in sessions if s is not None and s.user_id == uid), key=lambda s: s.created_at)
 
     async def revoke_user_sessions(self, user_id: str) -> int:

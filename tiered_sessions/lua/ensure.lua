@@ -22,12 +22,7 @@ local expires = now + tonumber(ARGV[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', version, 'st', 'a', 'c', ARGV[1], 'la', ARGV[1], 'ex', expires,
   'rc', 0, 'td', 0, 'sz', ARGV[8])
--- The per-user index lives beside the session: the session key is '<partition prefix>s:<id>'.
-local user_index = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[3] - 2) .. 'user:'
-for i = 9, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if ARGV[i] == 'u' then redis.call('SADD', user_index .. ARGV[i + 1], ARGV[3]) end
-end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], expires, ARGV[3])
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[3])

@@ -3,7 +3,7 @@
 -- ARGV: now_ms, session_id, persist, check_cold ("1": report a miss), min_version (from Postgres),
 --       [journal version]
 -- Returns 0 miss, -1 already a tombstone, -3 replayed already, or the tombstone's version
-local current = redis.call('HMGET', KEYS[1], 'st', 'v', 'c', 'u')
+local current = redis.call('HMGET', KEYS[1], 'st', 'v', 'c')
 if not current[1] and ARGV[4] == '1' then return 0 end
 if current[1] == 'x' then return -1 end
 -- Journal replay (ARGV[6]: the Postgres version after a write made while Redis was unreachable): apply it
@@ -13,9 +13,6 @@ if ARGV[6] and ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'jv', ARGV[6])
 end
 redis.call('ZREM', KEYS[3], ARGV[2])
-if current[4] then  -- the per-user index lives beside the session: '<partition prefix>user:<user_id>'
-  redis.call('SREM', string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[2] - 2) .. 'user:' .. current[4], ARGV[2])
-end
 if ARGV[3] ~= '1' then
   redis.call('DEL', KEYS[1])
   return 1

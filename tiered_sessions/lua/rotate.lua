@@ -20,11 +20,6 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', version, 'st', 'x', 'c', fields['c'], 'la', ARGV[1], 'ex', ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('ZADD', KEYS[4], fields['ex'], ARGV[3])
-if fields['u'] then
-  local user_index = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[2] - 2) .. 'user:' .. fields['u']
-  redis.call('SREM', user_index, ARGV[2])
-  redis.call('SADD', user_index, ARGV[3])
-end
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[3])

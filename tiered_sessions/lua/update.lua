@@ -1,12 +1,12 @@
 -- update: set and delete data/metadata keys and set attributes, atomically, within the size limit.
--- KEYS: session hash, dirty index, partition key prefix (for the per-user index '<prefix>user:<user_id>')
+-- KEYS: session hash, dirty index
 -- ARGV: [1] now_ms, [2] session_id, [3] max_bytes, [4] persist, [5] state ('' keeps it),
 --       [6] n_set, [7] journal version ('' outside replay), [8] expected version ('' for any),
 --       [9] n_unset, [10] n_guard, then n_set field/value pairs, n_unset fields,
 --       n_guard field/expected-value pairs (expected '' = absent), then attribute field/value pairs
 -- Returns 0 miss, -1 gone, -3 replayed already, {-2, size} too large, {-4} a guarded field changed,
 -- {-5, version} version conflict (nothing written in any of these), or {version, size}
-local current = redis.call('HMGET', KEYS[1], 'st', 'ex', 'sz', 'v', 'u')
+local current = redis.call('HMGET', KEYS[1], 'st', 'ex', 'sz', 'v')
 if not current[1] then return 0 end
 if current[1] == 'x' or tonumber(current[2]) <= tonumber(ARGV[1]) then return -1 end
 if ARGV[8] ~= '' and current[4] ~= ARGV[8] then return {-5, tonumber(current[4])} end
@@ -36,13 +36,7 @@ end
 -- one HSET per pair: unpack() of thousands of arguments would overflow Lua's stack
 for i = sets, unsets - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = unsets, guards - 1 do redis.call('HDEL', KEYS[1], ARGV[i]) end
-for i = attributes, #ARGV, 2 do
-  if ARGV[i] == 'u' and ARGV[i + 1] ~= current[5] then  -- a new owner: move it in the per-user index
-    if current[5] then redis.call('SREM', KEYS[3] .. 'user:' .. current[5], ARGV[2]) end
-    redis.call('SADD', KEYS[3] .. 'user:' .. ARGV[i + 1], ARGV[2])
-  end
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
+for i = attributes, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'st', ARGV[5]) end
 redis.call('HSET', KEYS[1], 'sz', size)
 redis.call('HDEL', KEYS[1], 'k')  -- Postgres lacks this change: the next flush writes the whole row

@@ -14,11 +14,6 @@ if #ARGV < 4000 then
 else  -- unpack() of thousands of arguments would overflow Lua's stack
   for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
-for i = 4, #ARGV, 2 do
-  if ARGV[i] == 'u' then  -- per-user index, beside the session ('<partition prefix>s:<id>')
-    redis.call('SADD', string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1] - 2) .. 'user:' .. ARGV[i + 1], ARGV[1])
-  end
-end
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if reply then return {1, redis.call('HGETALL', KEYS[1])} end
