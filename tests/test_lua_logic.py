@@ -18,44 +18,46 @@ async def fake() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
     await client.aclose()
 
 
-KEYS = ["ts:{p0}:s:a", "ts:{p0}:dirty", "ts:{p0}:live"]
-ACK_KEYS = [*KEYS[1:], "ts:{p0}:lease"]  # "?" as the token: an on-demand flush, accepted while nobody holds it
+KEYS = ["ts:{p0}:s:a", "ts:{p0}:dirty", "ts:{p0}:expiring"]
+LEASE_KEY = "ts:{p0}:lease"
+ACK_KEYS = [KEYS[1], LEASE_KEY]  # "?" as the token: an on-demand flush, accepted while nobody holds it
+BUCKET = 1000  # ms per live-count bucket
 T = int(time.time() * 1000) + 600_000  # scripts take "now" from the caller; ahead of the clock, so the
 # expiries lie ahead even when a slow suite reaches these tests minutes after collecting them
 
 
 async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
-    reply = await scripts.ENSURE(fake, KEYS, [T + 1000, 60_000, "a", "1", "0", 0, 0, 0])
+    reply = await scripts.ENSURE(fake, KEYS, [T + 1000, 60_000, "a", "1", "0", 0, 0, 0, BUCKET])
     assert reply[0] == 2
 
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", T + 2000, 5, "a", ""]) == [[2, 1, 5]]
+    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", BUCKET, T + 2000, 5, "a", ""]) == [[2, 1, 5]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1]) == 0
+    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
     assert await fake.ttl(KEYS[0]) == -1  # still pinned
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 2500, "?", "a", 2]) == 1
+    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 2500, "?", "a", 2, "1"]) == 1
     assert await fake.zscore(KEYS[1], "a") is None
     assert await fake.pexpiretime(KEYS[0]) == T + 62_000  # the real expiry: last activity + timeout
 
 
 async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0]) == 2
-    assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0]) == -1  # already a tombstone
-    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", T + 3002, 5, "a", ""]) == [-1]
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2]) == 1
+    assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
+    assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
+    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", BUCKET, T + 3002, 5, "a", ""]) == [-1]
+    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.
-    reply = await scripts.ENSURE(fake, KEYS, [T + 4000, 60_000, "a", "1", "1", 1, 0, 0])
+    reply = await scripts.ENSURE(fake, KEYS, [T + 4000, 60_000, "a", "1", "1", 1, 0, 0, BUCKET])
     assert reply[0] == 2 and dict(zip(reply[1][::2], reply[1][1::2], strict=True))[b"v"] == b"3"
 
 
 async def test_update_refuses_growth_past_the_limit_without_writing(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    keys = [*KEYS[:2], "ts:{p0}:"]
+    keys = KEYS[:2]
     fixed = ["a", 20, "1", "", 1, "", "", 0, 0]  # id, max bytes, persist, state, 1 pair, no journal/CAS/unset/guard
     assert await scripts.UPDATE(fake, keys, [T + 2000, *fixed, "d:k", "123456789"]) == [2, 12]
     assert await scripts.UPDATE(fake, keys, [T + 2001, *fixed, "d:j", "123456789"]) == [-2, 24]
@@ -65,13 +67,41 @@ async def test_update_refuses_growth_past_the_limit_without_writing(fake: fakere
 
 async def test_ack_is_fenced_by_the_partition_lease(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.LEASE(fake, [ACK_KEYS[2]], ["flusher-a", 5000]) == 1
-    assert await scripts.LEASE(fake, [ACK_KEYS[2]], ["flusher-b", 5000]) == 0  # held by a
+    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-a", 5000]) == 1
+    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-b", 5000]) == 0  # held by a
     args = ["ts:{p0}:s:", 600_000, T + 1500]
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "flusher-b", "a", 1]) == -1  # not the holder
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-b", "a", 1]) == -1  # on demand, but a holds it
+    assert await scripts.ACK(fake, ACK_KEYS, [*args, "flusher-b", "a", 1, "1"]) == -1  # not the holder
+    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-b", "a", 1, "1"]) == -1  # on demand, but a holds it
     assert await fake.zscore(KEYS[1], "a") is not None
-    assert await scripts.LEASE_RELEASE(fake, [ACK_KEYS[2]], ["flusher-b"]) == 0  # compare-and-delete
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-a", "a", 1]) == 1  # on demand, by the holder
-    assert await scripts.LEASE_RELEASE(fake, [ACK_KEYS[2]], ["flusher-a"]) == 1
-    assert await scripts.LEASE(fake, [ACK_KEYS[2]], ["flusher-b", 5000]) == 1  # free again: b takes it
+    assert await scripts.LEASE_RELEASE(fake, [LEASE_KEY], ["flusher-b"]) == 0  # compare-and-delete
+    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-a", "a", 1, "1"]) == 1  # on demand, by the holder
+    assert await scripts.LEASE_RELEASE(fake, [LEASE_KEY], ["flusher-a"]) == 1
+    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-b", 5000]) == 1  # free again: b takes it
+
+
+async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakeredis.FakeAsyncRedis) -> None:
+    counts = KEYS[2]
+
+    async def count(now: int) -> int:
+        return int(await scripts.LIVE_COUNT(fake, [counts], [now, BUCKET]))
+
+    def keys(sid: str) -> list[str]:
+        return [f"ts:{{p0}}:s:{sid}", KEYS[1], counts]
+
+    for sid in ("a", "b", "c"):
+        assert (await scripts.ENSURE(fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
+    assert await count(T) == 3
+    # "a" slides its expiry into a later bucket: still one session
+    await scripts.TOUCH(fake, keys("a"), [10_000, "1", BUCKET, T + 5_000, 0, "a", ""])
+    assert await count(T + 5_000) == 3
+    assert await scripts.REMOVE(fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
+    assert await count(T + 5_001) == 2
+    # "c" expires at T + 10 s (counted until its bucket has passed), "a" at T + 15 s
+    assert await count(T + 11_000) == 1
+    assert await count(T + 16_000) == 0
+    assert sorted(await fake.hkeys(counts)) == [b"lo", b"n"]  # the passed buckets are gone
+    # ensure counts the same way against its limit (here: 1 session)
+    limited = [*keys("d"), counts]
+    assert (await scripts.ENSURE(fake, limited, [T + 16_000, 10_000, "d", "1", "0", 0, 1, 0, BUCKET]))[0] == 2
+    limited = [*keys("e"), counts]
+    assert await scripts.ENSURE(fake, limited, [T + 16_000, 10_000, "e", "1", "0", 0, 1, 0, BUCKET]) == [-1, 1]

@@ -80,6 +80,11 @@ def encode_attributes(**attributes: object) -> list[bytes | str]:
     return pairs
 
 
+def is_live(state: bytes | None, expires: bytes | None, now_ms: int) -> bool:
+    """From a session hash's state and expiry fields: a session that is not a tombstone and expires after now."""
+    return state is not None and state != STATE_CODES[REMOVED] and expires is not None and int(expires) > now_ms
+
+
 def partition_of(session_id: str, partitions: int) -> int:
     return zlib.crc32(session_id.encode()) % partitions
 

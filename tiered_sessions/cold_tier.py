@@ -283,9 +283,10 @@ class PostgresSessionStore:
         page.next_cursor = rows[limit - 1][0] if len(rows) > limit else None
         return page
 
-    async def mark_expired(self) -> int:
+    async def mark_expired(self) -> list[ColdRecord]:
+        """Mark the timed-out live rows expired; returns them (as they are now)."""
         pool = await self.ready_pool()
-        return _rowcount(await pool.execute(self.sql["mark_expired"]))
+        return [ColdRecord(*row) for row in await pool.fetch(self.sql["mark_expired"])]
 
     async def cleanup_expired_sessions(self, older_than_days: int = 7) -> int:
         """Mark timed-out sessions expired, then delete expired and removed rows older than the retention.

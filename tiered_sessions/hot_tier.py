@@ -4,20 +4,24 @@ Layout, with ``p`` = crc32(session_id) % partitions so one partition's keys shar
 
     {prefix}:{p7}:s:<session_id>   hash: the session (see codec.py for its fields)
     {prefix}:{p7}:dirty            zset: session ids not yet in Postgres, scored by first-dirty time (ms)
-    {prefix}:{p7}:live             zset: session ids scored by logical expiry (ms): counting, listing, cleanup
+    {prefix}:{p7}:expiring         hash: live sessions counted by expiry bucket (lua/lib/live_counts.lua)
     {prefix}:{p7}:lease            string: the token of the flusher that owns the partition (PX lease)
     {prefix}:flushers              zset: flusher ids scored by last heartbeat (ms), for the fair share
+
+Nothing else is kept per session: a per-session index entry (a sorted-set member) would cost about as much
+as a small session's own hash. Listing scans the session keys; the per-user listing asks Postgres.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
 
-from . import scripts
+from . import codec, scripts
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
 from .pipelining import AutoPipeline
@@ -31,7 +35,7 @@ class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to b
     partition: int
     session: str
     dirty: str
-    live: str
+    counts: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,11 +69,14 @@ class HotTier:
         self.timeout_ms = int(settings.session_timeout_secs * 1000)
         self.tombstone_ttl_ms = int(settings.tombstone_ttl_secs * 1000)
         self.max_bytes = settings.max_session_bytes
-        self.live_keys = [self.live_key(p) for p in range(self.partitions)]
-        # Per partition: the session key prefix, the dirty index and the live index (what keys() puts together).
-        self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.live_key(p))
+        # Live counts go by expiry buckets of 1/64 of the timeout: a partition's count hash has about 65
+        # fields (compact in Redis), and a count is exact to one bucket.
+        self.bucket_ms = max(1, self.timeout_ms // 64)
+        self.counts_keys = [self.counts_key(p) for p in range(self.partitions)]
+        # Per partition: the session key prefix, the dirty index and the live counts (what keys() puts together).
+        self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.counts_key(p))
                                 for p in range(self.partitions)]
-        self._touch_shared = (self.timeout_ms, self.persist)
+        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms)
         self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
         # On a cluster every script touches one slot: the session limit is counted before the script instead.
         self.cluster = isinstance(client, RedisCluster)
@@ -84,8 +91,8 @@ class HotTier:
     def dirty_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "dirty"
 
-    def live_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "live"
+    def counts_key(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "expiring"
 
     def lease_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "lease"
@@ -96,8 +103,8 @@ class HotTier:
 
     def keys(self, session_id: str) -> SessionKeys:
         partition = partition_of(session_id, self.partitions)
-        session_prefix, dirty, live = self._partition_keys[partition]
-        return SessionKeys(partition, session_prefix + session_id, dirty, live)
+        session_prefix, dirty, counts = self._partition_keys[partition]
+        return SessionKeys(partition, session_prefix + session_id, dirty, counts)
 
     # -- hot path: one round trip each -------------------------------------------------------------------
     async def read(self, session_id: str) -> dict[bytes, bytes]:
@@ -107,9 +114,9 @@ class HotTier:
     def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
               ) -> Awaitable[int | list[int]]:
         """Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less."""
-        partition, session, dirty, live = self.keys(session_id)
+        partition, session, dirty, counts = self.keys(session_id)
         return self.pipeline.combined(
-            scripts.TOUCH, self._touch_shared, (session, dirty, live),
+            scripts.TOUCH, self._touch_shared, (session, dirty, counts),
             (now_ms, duration_ms, session_id, "" if journal_version is None else journal_version),
             partition if self.cluster else None)
 
@@ -117,19 +124,19 @@ class HotTier:
                      max_sessions: int | None, size: int, pairs: Sequence[bytes | str]
                      ) -> tuple[int, dict[bytes, bytes] | int]:
         keys = self.keys(session_id)
-        all_keys = [keys.session, keys.dirty, keys.live]
+        all_keys = [keys.session, keys.dirty, keys.counts]
         limit_arg = max_sessions or 0
         if max_sessions and self.cluster:
-            # Counted here, one ZCOUNT per partition (one round trip per node): approximate under races, as
+            # Counted here, one script per partition (one round trip per node): approximate under races, as
             # sessions created by others between the count and the script are not seen.
             live = await self.live_count(now_ms)
             limit_arg = -live if live >= max_sessions else 0
         elif max_sessions:
-            all_keys += self.live_keys
+            all_keys += self.counts_keys
         reply = await self.pipeline.evalsha(
             scripts.ENSURE, all_keys,
             [now_ms, self.timeout_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
-             limit_arg, size, *pairs],
+             limit_arg, size, self.bucket_ms, *pairs],
         )
         status = int(reply[0])
         if status in (EXISTING, CREATED):
@@ -158,7 +165,7 @@ class HotTier:
     async def rotate(self, old_id: str, new_id: str, now_ms: int) -> int | dict[bytes, bytes]:
         old, new = self.keys(old_id), self.keys(new_id)
         assert old.dirty == new.dirty, "rotate needs both ids in one partition"
-        reply = await self.pipeline.evalsha(scripts.ROTATE, [old.session, new.session, old.dirty, old.live],
+        reply = await self.pipeline.evalsha(scripts.ROTATE, [old.session, new.session, old.dirty],
                                             [now_ms, old_id, new_id, self.persist])
         if isinstance(reply, int):
             return reply
@@ -184,16 +191,16 @@ class HotTier:
     async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      journal_version: int | None = None) -> int:
         keys = self.keys(session_id)
-        args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version]
-        if journal_version is not None:
-            args.append(journal_version)
-        return int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.live], args))
+        args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
+                           self.bucket_ms, "" if journal_version is None else journal_version]
+        return int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.counts], args))
 
     # -- read-through and recovery ------------------------------------------------------------------------
     def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool
                    ) -> tuple[scripts.LuaScript, list[str], list[Any]]:
         keys = self.keys(session_id)
-        return scripts.WARM, [keys.session, keys.live], [session_id, expires_ms, "1" if reply else "0", *pairs]
+        return scripts.WARM, [keys.session, keys.counts], [session_id, expires_ms, "1" if reply else "0",
+                                                           int(time.time() * 1000), self.bucket_ms, *pairs]
 
     async def warm(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int]
                    ) -> tuple[bool, dict[bytes, bytes]]:
@@ -233,8 +240,7 @@ class HotTier:
             flat: list[str | int] = []
             for session_id, version, kept in entries:
                 flat += (session_id, version, "1" if kept else "0")
-            calls.append((scripts.ACK, [self.dirty_key(partition), self.live_key(partition),
-                                        self.lease_key(partition)],
+            calls.append((scripts.ACK, [self.dirty_key(partition), self.lease_key(partition)],
                           [self.session_key_prefix(partition), self.tombstone_ttl_ms, read_ms,
                            tokens.get(partition, ""), *flat]))
         replies = await self.pipeline.run_scripts(calls)
@@ -277,19 +283,19 @@ class HotTier:
         for p in range(self.partitions):
             pipe.zcard(self.dirty_key(p))
             pipe.zrange(self.dirty_key(p), 0, 0, withscores=True)
-            pipe.zcount(self.live_key(p), f"({now_ms}", "+inf")
         replies = await pipe.execute()
-        out = []
-        for p in range(self.partitions):
-            dirty, oldest, live = replies[3 * p: 3 * p + 3]
-            out.append(PartitionStats(int(dirty), int(oldest[0][1]) if oldest else None, int(live)))
-        return out
+        live = await self.live_counts(now_ms)
+        return [PartitionStats(int(dirty), int(oldest[0][1]) if oldest else None, count)
+                for dirty, oldest, count in zip(replies[::2], replies[1::2], live, strict=True)]
+
+    async def live_counts(self, now_ms: int) -> list[int]:
+        """Live sessions per partition, exact to one expiry bucket (sessions that expired within now's bucket
+        still count); drops the buckets that have passed."""
+        calls = [(scripts.LIVE_COUNT, [key], [now_ms, self.bucket_ms]) for key in self.counts_keys]
+        return [int(count) for count in await self.pipeline.run_scripts(calls)]
 
     async def live_count(self, now_ms: int) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.live_keys:
-            pipe.zcount(key, f"({now_ms}", "+inf")
-        return sum(int(count) for count in await pipe.execute())
+        return sum(await self.live_counts(now_ms))
 
     async def dirty_total(self) -> int:
         pipe = self.client.pipeline(transaction=False)
@@ -297,21 +303,22 @@ class HotTier:
             pipe.zcard(self.dirty_key(p))
         return sum(int(count) for count in await pipe.execute())
 
-    async def live_ids(self, now_ms: int) -> list[list[str]]:
-        """Ids whose logical expiry is after now, per partition."""
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.live_keys:
-            pipe.zrangebyscore(key, f"({now_ms}", "+inf")
-        return [[member.decode() for member in reply] for reply in await pipe.execute()]
-
-    async def drop_expired_from_index(self, now_ms: int) -> list[str]:
-        """Remove index entries whose logical expiry has passed; returns their ids."""
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.live_keys:
-            pipe.zrangebyscore(key, "-inf", now_ms)
-            pipe.zremrangebyscore(key, "-inf", now_ms)
-        replies = await pipe.execute()
-        return [member.decode() for reply in replies[::2] for member in reply]
+    async def live_ids(self, now_ms: int, page: int = 1000) -> list[list[str]]:
+        """Ids of the sessions live now (not removed, expiry after now), per partition: a SCAN of the session
+        keys (every node of a cluster), then each one's state and expiry. Work in proportion to the keys in
+        Redis: for listings and cleanup, not for the hot path."""
+        pattern = f"{self.prefix}:{{p*}}:s:*"  # ids cannot hold "}", so only session keys match
+        found = list(dict.fromkeys([key async for key in self.client.scan_iter(match=pattern, count=page,
+                                                                                _type="hash")]))
+        ids = [key.decode().partition("}:s:")[2] for key in found]
+        out: list[list[str]] = [[] for _ in range(self.partitions)]
+        for start in range(0, len(ids), page):
+            chunk = ids[start:start + page]
+            fields = await self.read_fields(chunk, [codec.STATE, codec.EXPIRES])
+            for sid, (state, expires) in zip(chunk, fields, strict=True):
+                if codec.is_live(state, expires, now_ms):
+                    out[partition_of(sid, self.partitions)].append(sid)
+        return out
 
     async def read_fields(self, session_ids: Sequence[str], fields: Sequence[bytes]) -> list[list[bytes | None]]:
         pipe = self.client.pipeline(transaction=False)

@@ -13,14 +13,17 @@ if TYPE_CHECKING:
 
 
 class LuaScript:
-    """One script from ``tiered_sessions/lua``. Not redis-py's ``Script``: that one sends SCRIPT EXISTS
+    """One script from ``tiered_sessions/lua``, after the ``lua/lib`` files it ``uses`` (Lua in Redis has no
+    modules: shared functions are pasted in front). Not redis-py's ``Script``: that one sends SCRIPT EXISTS
     before every pipelined call; this one pipelines plain EVALSHA and reloads only on NOSCRIPT."""
 
     __slots__ = ("name", "sha", "source")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uses: tuple[str, ...] = ()) -> None:
         self.name = name
-        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        lua = resources.files(__package__).joinpath("lua")
+        self.source = "".join(lua.joinpath("lib", f"{lib}.lua").read_text() + "\n" for lib in uses) + \
+            lua.joinpath(f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
@@ -32,11 +35,11 @@ class LuaScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-TOUCH = LuaScript("touch")
-ENSURE = LuaScript("ensure")
+TOUCH = LuaScript("touch", uses=("live_counts",))
+ENSURE = LuaScript("ensure", uses=("live_counts",))
 UPDATE = LuaScript("update")
-REMOVE = LuaScript("remove")
-WARM = LuaScript("warm")
+REMOVE = LuaScript("remove", uses=("live_counts",))
+WARM = LuaScript("warm", uses=("live_counts",))
 CLAIM = LuaScript("claim")
 ACK = LuaScript("ack")
 REDIRTY = LuaScript("redirty")
@@ -44,6 +47,8 @@ ROTATE = LuaScript("rotate")
 LEASE = LuaScript("lease")
 LEASE_RELEASE = LuaScript("lease_release")
 DIRTY_OF_USER = LuaScript("dirty_of_user")
+LIVE_COUNT = LuaScript("live_count", uses=("live_counts",))
 
 
-ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER)
+ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
+       LIVE_COUNT)

@@ -102,13 +102,14 @@ async def _create_raw(raw: RawRedis, data: dict[str, Any], attributes: dict[str,
 
 
 async def _memory_usage(env: Env, manager: SessionManager, layout: HotTier, count: int) -> tuple[float, float]:
-    """MEMORY USAGE of a sample of session hashes, and of the index zsets shared out per session."""
+    """MEMORY USAGE of a sample of session hashes, and of the per-partition keys (dirty index, live counts)
+    shared out per session."""
     assert env.redis is not None
     ids = (await manager.list_ids())[:200]
     hashes = [await env.redis.memory_usage(layout.keys(sid).session, samples=0) or 0 for sid in ids]
     indexes = 0
     for partition in range(layout.partitions):
-        for key in (layout.live_key(partition), layout.dirty_key(partition)):
+        for key in (layout.counts_key(partition), layout.dirty_key(partition)):
             indexes += await env.redis.memory_usage(key, samples=0) or 0
     return statistics.mean(hashes) if hashes else 0.0, indexes / count
 

@@ -3,11 +3,11 @@
 -- Fencing: only the partition's lease holder may ack; a flusher that lost its lease gets -1 and clears nothing
 -- (its Postgres write was harmless: the version guard). A token '?<id>' (an on-demand flush(), which needs no
 -- lease) is accepted while <id> holds the lease or nobody does.
--- KEYS: dirty index, live index, lease key (all in the partition's slot)
+-- KEYS: dirty index, lease key (both in the partition's slot)
 -- ARGV: session key prefix, tombstone_ttl_ms, read_ms, lease token, then id/version/kept triples (kept '1':
 --       Postgres now holds that version whole, so while only touches follow, claim.lua sends activity rows)
 -- Returns the number of entries cleared, or -1 when the lease is not ours
-local holder = redis.call('GET', KEYS[3])
+local holder = redis.call('GET', KEYS[2])
 if string.sub(ARGV[4], 1, 1) == '?' then
   if holder and holder ~= string.sub(ARGV[4], 2) then return -1 end
 elseif holder ~= ARGV[4] then
@@ -26,7 +26,6 @@ for i = 5, #ARGV, 3 do
     cleared = cleared + 1
     if current[2] == 'x' then
       redis.call('PEXPIRE', key, ARGV[2])
-      redis.call('ZREM', KEYS[2], id)
     else
       -- before the expiry: a PEXPIREAT in the past deletes the key, and an HSET after it would recreate it
       if ARGV[i + 2] == '1' then redis.call('HSET', key, 'k', '1') end

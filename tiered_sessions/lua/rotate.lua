@@ -1,6 +1,6 @@
 -- rotate: move a live session to a new id (same partition, so one script and one cluster slot), and
 -- tombstone the old id so it never works again. Data, counters and expiry move with it.
--- KEYS: old session hash, new session hash, dirty index, live index
+-- KEYS: old session hash, new session hash, dirty index (the live count does not change: one for one)
 -- ARGV: now_ms, old_id, new_id, persist
 -- Returns 0 old id not in Redis (caller may read through), -1 old id gone, -2 new id taken, or the new hash
 local now = tonumber(ARGV[1])
@@ -18,8 +18,6 @@ end
 redis.call('HSET', KEYS[2], 'v', version)
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', version, 'st', 'x', 'c', fields['c'], 'la', ARGV[1], 'ex', ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[2])
-redis.call('ZADD', KEYS[4], fields['ex'], ARGV[3])
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[3])
