@@ -33,7 +33,7 @@ async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", BUCKET, T + 2000, 5, "a", ""]) == [[2, 1, 5]]
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", T + 2000, 5]) == [[2, 1, 5]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
@@ -47,7 +47,7 @@ async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.Fak
     await _create(fake)
     assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
     assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
-    assert await scripts.TOUCH(fake, KEYS, [60_000, "1", BUCKET, T + 3002, 5, "a", ""]) == [-1]
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", T + 3002, 5]) == [-1]
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.
@@ -92,7 +92,7 @@ async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakere
         assert (await scripts.ENSURE(fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
     assert await count(T) == 3
     # "a" slides its expiry into a later bucket: still one session
-    await scripts.TOUCH(fake, keys("a"), [10_000, "1", BUCKET, T + 5_000, 0, "a", ""])
+    await scripts.TOUCH(fake, keys("a")[:1], [10_000, "1", BUCKET, "0", T + 5_000, 0])
     assert await count(T + 5_000) == 3
     assert await scripts.REMOVE(fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
     assert await count(T + 5_001) == 2

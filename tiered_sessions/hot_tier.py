@@ -76,7 +76,8 @@ class HotTier:
         # Per partition: the session key prefix, the dirty index and the live counts (what keys() puts together).
         self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.counts_key(p))
                                 for p in range(self.partitions)]
-        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms)
+        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0")
+        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1")
         self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
         # On a cluster every script touches one slot: the session limit is counted before the script instead.
         self.cluster = isinstance(client, RedisCluster)
@@ -113,12 +114,15 @@ class HotTier:
 
     def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
               ) -> Awaitable[int | list[int]]:
-        """Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less."""
-        partition, session, dirty, counts = self.keys(session_id)
-        return self.pipeline.combined(
-            scripts.TOUCH, self._touch_shared, (session, dirty, counts),
-            (now_ms, duration_ms, session_id, "" if journal_version is None else journal_version),
-            partition if self.cluster else None)
+        """Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less. The
+        script finds the id, dirty index and live counts from the session key: three items per call to pack."""
+        partition = partition_of(session_id, self.partitions)
+        session = (self._partition_keys[partition][0] + session_id,)
+        slot = partition if self.cluster else None
+        if journal_version is None:
+            return self.pipeline.combined(scripts.TOUCH, self._touch_shared, session, (now_ms, duration_ms), slot)
+        return self.pipeline.combined(scripts.TOUCH, self._replay_shared, session,
+                                      (now_ms, duration_ms, journal_version), slot)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      max_sessions: int | None, size: int, pairs: Sequence[bytes | str]

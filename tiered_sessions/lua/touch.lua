@@ -1,23 +1,27 @@
 -- update_activity of one or many sessions: bump counters, slide the expiry, mark dirty. No read-modify-write.
 -- Calls made in the same event-loop turn come as one script call, so Redis pays its per-script cost once.
--- KEYS: per session: session hash, dirty index, live counts
+-- KEYS: each session's hash, '<partition prefix>s:<id>': the id, and the partition's dirty index and live
+--       counts (same hash tag, so same cluster slot), are read off it, which keeps each call to three items
 -- ARGV: timeout_ms, persist ("1": write-behind on, pin until flushed), bucket_ms (of the live counts),
---       then per session: now_ms, duration_ms, session_id, journal version ('' when not a journal replay)
+--       journal ("1": journal replays, each call carries the Postgres version after a write made while Redis
+--       was unreachable), then per session: now_ms, duration_ms[, journal version]
 -- Returns one reply per session: 0 (not in Redis: caller may read through), -1 (gone: removed, closed or
 -- expired), -3 (replayed already), {version, requests, duration}, or an error for that session alone.
 local timeout = tonumber(ARGV[1])
 local persist = ARGV[2] == '1'
 local bucket_ms = tonumber(ARGV[3])
+local stride = ARGV[4] == '1' and 3 or 2
 
-local function touch(session, dirty, counts, now_ms, duration, id, journal)
+local function touch(session, now_ms, duration, journal)
+  local prefix, id = string.match(session, '^(.*}:)s:(.*)$')
   local state_and_expiry = redis.call('HMGET', session, 'st', 'ex')
   if not state_and_expiry[1] then return 0 end
   local now = tonumber(now_ms)
   local old_expiry = tonumber(state_and_expiry[2])
   if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end
-  -- Journal replay (the Postgres version after a write made while Redis was unreachable): apply it once, and
-  -- only to a copy that does not already include it ('jv': newest Postgres version folded in).
-  if journal ~= '' then
+  -- Journal replay: apply it once, and only to a copy that does not already include it ('jv': newest
+  -- Postgres version folded in).
+  if journal then
     if tonumber(redis.call('HGET', session, 'jv') or '0') >= tonumber(journal) then return -3 end
     redis.call('HSET', session, 'jv', journal)
   end
@@ -26,10 +30,10 @@ local function touch(session, dirty, counts, now_ms, duration, id, journal)
   local requests = redis.call('HINCRBY', session, 'rc', 1)
   local total = redis.call('HINCRBY', session, 'td', duration)
   redis.call('HSET', session, 'la', now_ms, 'ex', expires)
-  live_move(counts, bucket_ms, old_expiry, expires)
+  live_move(prefix .. 'expiring', bucket_ms, old_expiry, expires)
   if persist then
     -- pinned while dirty: the flusher's ack applies the real expiry
-    redis.call('ZADD', dirty, 'NX', now_ms, id)
+    redis.call('ZADD', prefix .. 'dirty', 'NX', now_ms, id)
     redis.call('PERSIST', session)
   else
     redis.call('PEXPIREAT', session, expires)
@@ -38,9 +42,9 @@ local function touch(session, dirty, counts, now_ms, duration, id, journal)
 end
 
 local replies = {}
-for i = 1, #KEYS / 3 do
-  local k, a = 3 * i - 2, 4 * i
-  local ok, reply = pcall(touch, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+for i = 1, #KEYS do
+  local a = 5 + stride * (i - 1)
+  local ok, reply = pcall(touch, KEYS[i], ARGV[a], ARGV[a + 1], stride == 3 and ARGV[a + 2] or nil)
   if ok then
     replies[i] = reply
   else
