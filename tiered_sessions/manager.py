@@ -391,7 +391,7 @@ class SessionManager:
         started = time.perf_counter() if timed else 0.0
         try:
             sid = codec.validate_session_id(session_id)
-            if isinstance(request_duration_ms, bool) or not isinstance(request_duration_ms, int | float) \
+            if isinstance(request_duration_ms, bool) or not isinstance(request_duration_ms, (int, float)) \
                     or not 0 <= request_duration_ms < 2**53:
                 raise InvalidSessionData("request_duration_ms must be a non-negative number")
             duration = int(request_duration_ms)
@@ -407,7 +407,7 @@ class SessionManager:
                 return counted
             if not self._backlog_ok.is_set():
                 await self._wait_for_backlog()
-            now_ms = _now_ms()
+            now_ms = int(time.time() * 1000)  # _now_ms(), without a call on the hot path
             reply = await hot.touch(sid, now_ms, duration)
             if reply == 0 and self._persist:
                 fields, _ = await self._read_through(sid)
