@@ -4,7 +4,8 @@ They come from the data, not from Redis keyspace notifications (lost on restarts
 ``created`` from the manager that created the session, when the call returns; ``removed`` and ``expired``
 from the flusher, for each tombstone or expired row it writes, before it acks (a crash means another
 delivery later), and ``expired`` also from ``cleanup_stale_sessions`` for sessions that expired after their
-last flush. Duplicates are possible; callbacks should be idempotent. A failing callback is logged and
+last flush (the rows it marks expired in Postgres). With persistence off only ``created`` is delivered.
+Duplicates are possible; callbacks should be idempotent. A failing callback is logged and
 counted; it never fails the call that emitted the event.
 """
 
