@@ -38,8 +38,7 @@ class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to b
     counts: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DirtyEntry:
+class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen dataclass is slower to build
     """A claimed dirty session: its row for Postgres as JSON (built by claim.lua), or version 0, kind "gone"
     and no row when the hash is gone (nothing to write, just clear the mark)."""
 
