@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from typing import Any, cast
 
 import pytest
@@ -95,6 +97,23 @@ async def test_session_limit_counts_live_sessions_across_managers(settings: Sett
         assert await two.ensure("a") is not None  # existing sessions are still served
         await one.remove("a")
         assert (await two.ensure("d")).session_id == "d"
+
+
+async def test_session_limit_frees_expired_sessions_and_follows_touches(settings: Settings) -> None:
+    """Live sessions are counted by expiry bucket (1/64 of the timeout: 20 ms here), not by index entry."""
+    async with SessionManager(settings=settings, max_concurrent_sessions=2, session_timeout_secs=1.28) as manager:
+        await manager.ensure("kept")
+        await manager.ensure("lapses")
+        with pytest.raises(SessionLimitExceeded):
+            await manager.ensure("refused")
+        for _ in range(15):  # "kept" slides its expiry through later buckets while "lapses" runs out
+            await asyncio.sleep(0.1)
+            assert await manager.update_activity("kept")
+        assert (await manager.ensure("admitted")).session_id == "admitted"
+        with pytest.raises(SessionLimitExceeded):
+            await manager.ensure("refused")
+        assert manager.flusher is not None
+        assert await manager.flusher.hot.live_count(int(time.time() * 1000)) == 2
 
 
 async def test_unreachable_servers_name_which_and_hide_the_password(settings: Settings) -> None:
