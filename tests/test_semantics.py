@@ -100,6 +100,20 @@ async def test_per_user_index_from_redis_and_from_postgres(manager: SessionManag
     assert set(states.values()) == {"removed"} and len(states) == 7  # tombstones keep no user data
 
 
+async def test_dirty_sessions_of_a_user_are_found_across_many_scan_steps(settings: Settings) -> None:
+    # One partition of 240 dirty sessions: past 128 entries a sorted set is a hashtable, which ZSCAN walks a
+    # few entries (COUNT) at a time.
+    async with SessionManager(settings=settings, run_flusher=False, partitions=1) as manager:
+        owned = {(await manager.ensure(user_id="zed")).session_id for _ in range(40)}
+        await asyncio.gather(*(manager.ensure(user_id="other") for _ in range(200)))
+        assert manager.flusher is not None
+        hot = manager.flusher.hot
+        assert set(await hot.dirty_ids_of_user("zed", page=3)) == owned
+        await manager.flush()
+        assert await hot.dirty_ids_of_user("zed", page=3) == []
+        assert {s.session_id for s in await manager.list_user_sessions("zed")} == owned  # from Postgres now
+
+
 async def test_per_user_listing_follows_an_owner_change_postgres_has_not_seen(manager: SessionManager,
                                                                               pg: asyncpg.Connection,
                                                                               settings: Settings) -> None:

@@ -175,21 +175,21 @@ class HotTier:
         return reply if isinstance(reply, dict) else pairs_to_dict(reply)
 
     async def dirty_ids_of_user(self, user_id: str, page: int = 1000) -> list[str]:
-        """Ids of the user's sessions that are dirty (Postgres may not hold them, or not as this user's), a
-        page of each partition's dirty index per round trip."""
-        found: list[str] = []
-        starts = dict.fromkeys(range(self.partitions), 0)
-        while starts:
-            calls = [(scripts.DIRTY_OF_USER, [self.dirty_key(p)], [self.session_key_prefix(p), user_id, start, page])
-                     for p, start in starts.items()]
+        """Ids of the user's sessions that are dirty (Postgres may not hold them, or not as this user's): one
+        ZSCAN step of each partition's dirty index per round trip."""
+        found: dict[str, None] = {}  # ZSCAN may return an entry twice
+        cursors: dict[int, bytes | int] = dict.fromkeys(range(self.partitions), 0)
+        while cursors:
+            calls = [(scripts.DIRTY_OF_USER, [self.dirty_key(p)], [self.session_key_prefix(p), user_id, cursor, page])
+                     for p, cursor in cursors.items()]
             replies = await self.pipeline.run_scripts(calls)
-            for p, reply in zip(list(starts), replies, strict=True):
-                found += (member.decode() for member in reply[1:])
-                if int(reply[0]) < 0:
-                    del starts[p]
+            for p, reply in zip(list(cursors), replies, strict=True):
+                found.update(dict.fromkeys(member.decode() for member in reply[1:]))
+                if int(reply[0]) == 0:
+                    del cursors[p]
                 else:
-                    starts[p] = int(reply[0])
-        return found
+                    cursors[p] = reply[0]
+        return list(found)
 
     async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      journal_version: int | None = None) -> int:
