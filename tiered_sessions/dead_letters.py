@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from . import metrics, scripts
+from . import metrics
 from .codec import hash_from_record, partition_of
 from .cold_tier import ColdRecord
 from .hot_tier import DirtyEntry, HotTier
@@ -71,11 +71,10 @@ class DeadLetters:
         chosen = list(letters) if session_ids is None else [sid for sid in session_ids if sid in letters]
         now_ms = int(time.time() * 1000)
         for sid in chosen:
-            keys = self.hot.keys(sid)
-            if not await scripts.REDIRTY(self.hot.client, [keys.session, keys.dirty], [now_ms, sid]):
+            if not (await self.hot.redirty([sid], now_ms))[0]:
                 pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))
                 await self.hot.warm(sid, expires_ms, pairs)
-                await scripts.REDIRTY(self.hot.client, [keys.session, keys.dirty], [now_ms, sid])
+                await self.hot.redirty([sid], now_ms)
             await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
             log.info("dead letter %s replayed: dirty again", sid)
         return len(chosen)

@@ -224,7 +224,7 @@ class Flusher:
             metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
             rewrite = {row.session_id for row in rows}
         if rewrite:
-            await self.hot.rewrite_whole(sorted(rewrite), int(time.time() * 1000))
+            await self.hot.redirty(sorted(rewrite), int(time.time() * 1000))
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
         metrics.FLUSHED_ROWS.labels("activity").inc(len(rows) - len(rewrite))
         return rewrite

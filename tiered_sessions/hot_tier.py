@@ -249,13 +249,14 @@ class HotTier:
         replies = await self.pipeline.run_scripts(calls)
         return {partition: int(reply) for partition, reply in zip(written, replies, strict=True)}
 
-    async def rewrite_whole(self, session_ids: Sequence[str], now_ms: int) -> None:
-        """Keep these sessions dirty, to be written as whole rows by the next pass (redirty.lua)."""
+    async def redirty(self, session_ids: Sequence[str], now_ms: int) -> list[bool]:
+        """Mark these sessions dirty, to be written whole by the next pass (redirty.lua), in one round trip;
+        False where Redis does not hold the session."""
         calls = []
         for session_id in session_ids:
             keys = self.keys(session_id)
             calls.append((scripts.REDIRTY, [keys.session, keys.dirty], [now_ms, session_id]))
-        await self.pipeline.run_scripts(calls)
+        return [bool(marked) for marked in await self.pipeline.run_scripts(calls)]
 
     # -- flusher leases -----------------------------------------------------------------------------------
     async def take_leases(self, partitions: Sequence[int], token: str, lease_ms: int) -> list[bool]:

@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, NoReturn, ParamSpec, Self, TypeVar
 
 import asyncpg
 from redis.asyncio import RedisCluster
@@ -69,11 +69,8 @@ def _backend_errors(operation: str) -> Callable[[Callable[P, Coroutine[Any, Any,
             started = time.perf_counter() if timed else 0.0
             try:
                 return await method(*args, **kwargs)
-            except Exception as exc:
-                named = _named_failure(args[0], operation, exc)  # type: ignore[arg-type]
-                if named is None:
-                    raise
-                raise named from exc
+            except Exception as exc:  # noqa: BLE001 - always raised again, named or as it was
+                _raise_named(args[0], operation, exc)  # type: ignore[arg-type]
             finally:
                 if timed:
                     timer.observe(time.perf_counter() - started)
@@ -83,28 +80,26 @@ def _backend_errors(operation: str) -> Callable[[Callable[P, Coroutine[Any, Any,
     return decorate
 
 
-def _named_failure(manager: SessionManager, operation: str, exc: Exception) -> BackendUnavailable | None:
-    """The named error for a driver's connection failure (logged and counted; a Redis one trips degraded
-    mode), or None for any other error, which passes through unchanged."""
+def _raise_named(manager: SessionManager, operation: str, exc: Exception) -> NoReturn:
+    """Raise the named error for a driver's connection failure (logged and counted; a Redis one trips
+    degraded mode), or ``exc`` itself for any other error."""
     if isinstance(exc, BackendUnavailable):
-        return None  # already named and redacted (it is an OSError too: keep it out of the clauses below)
-    if isinstance(exc, _REDIS_FAILURES):
-        if not is_unreachable(exc):
-            return None
+        raise exc  # already named and redacted (it is an OSError too: keep it out of the clauses below)
+    if isinstance(exc, _REDIS_FAILURES) and is_unreachable(exc):
         metrics.BACKEND_ERRORS.labels("redis", operation).inc()
         if manager.degraded is not None:
             manager.degraded.trip(exc)  # calls from now on write through to Postgres
         url = manager.settings.redis_url
         log.error("%s: Redis at %s failed: %s", operation, redact_url(url), redact_message(str(exc), url))
-        return RedisUnavailable(f"Redis at {redact_url(url)} failed during {operation}: "
-                                f"{redact_message(str(exc), url)}")
+        raise RedisUnavailable(f"Redis at {redact_url(url)} failed during {operation}: "
+                               f"{redact_message(str(exc), url)}") from exc
     if isinstance(exc, TRANSIENT_ERRORS):
         metrics.BACKEND_ERRORS.labels("postgres", operation).inc()
         url = manager.settings.database_url
         log.error("%s: PostgreSQL at %s failed: %s", operation, redact_url(url), redact_message(str(exc), url))
-        return PostgresUnavailable(f"PostgreSQL at {redact_url(url)} failed during {operation}: "
-                                   f"{redact_message(str(exc), url)}")
-    return None
+        raise PostgresUnavailable(f"PostgreSQL at {redact_url(url)} failed during {operation}: "
+                                  f"{redact_message(str(exc), url)}") from exc
+    raise exc
 
 
 _UPDATE_ACTIVITY_TIMER = metrics.OperationTimer("update_activity")
@@ -423,11 +418,8 @@ class SessionManager:
                 session.last_activity = now_ms / 1000
                 session.expires_at = (now_ms + hot.timeout_ms) / 1000
             return True
-        except Exception as exc:
-            named = _named_failure(self, "update_activity", exc)
-            if named is None:
-                raise
-            raise named from exc
+        except Exception as exc:  # noqa: BLE001 - always raised again, named or as it was
+            _raise_named(self, "update_activity", exc)
         finally:
             if timed:
                 _UPDATE_ACTIVITY_TIMER.observe(time.perf_counter() - started)

@@ -215,12 +215,8 @@ class AutoPipeline:
             if not isinstance(target, list):
                 _settle(target, result)
             elif isinstance(result, list) and len(result) == len(target):
-                for future, reply in zip(target, result, strict=True):  # _settle, inline: once per call
-                    if not future.done():
-                        if isinstance(reply, Exception):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
+                for future, reply in zip(target, result, strict=True):
+                    _settle(future, reply)
             else:  # an error for the whole script call (or a script that broke its contract)
                 error = result if isinstance(result, Exception) else \
                     ResponseError(f"combined script call replied {type(result).__name__}, not one reply per call")
