@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tiered_sessions import SessionManager, Settings
+from tiered_sessions.pipelined_connection import OnReplies, PipelinedConnection
 from tiered_sessions.pipelining import AutoPipeline, pack
 
 
@@ -20,15 +22,14 @@ async def test_concurrent_calls_share_round_trips(settings: Settings, monkeypatc
     async with SessionManager(settings=dataclasses.replace(settings, run_flusher=False)) as manager:
         ids = [f"p-{i}" for i in range(100)]
         await asyncio.gather(*(manager.ensure(sid) for sid in ids))
-        pipeline = manager._hot.pipeline  # type: ignore[union-attr]
         batches: list[int] = []
-        original = pipeline._execute
+        original = PipelinedConnection.send
 
-        async def counting(commands: list[tuple[object, ...]]) -> list[object]:
-            batches.append(len(commands))
-            return await original(commands)
+        def counting(connection: PipelinedConnection, data: bytes, count: int, on_replies: OnReplies) -> None:
+            batches.append(count)
+            original(connection, data, count, on_replies)
 
-        monkeypatch.setattr(pipeline, "_execute", counting)
+        monkeypatch.setattr(PipelinedConnection, "send", counting)
         results = await asyncio.gather(*(manager.update_activity(sid, request_duration_ms=2) for sid in ids))
         assert results == [True] * 100
         # 100 calls: the first goes straight out; the 99 gathered meanwhile go as two combined script calls,
@@ -136,3 +137,39 @@ async def test_a_cancelled_round_trip_leaves_no_reply_behind(redis: aioredis.Red
         await slow
     await redis.set("next-key", "next")
     assert await pipeline.command("GET", "next-key") == b"next"
+
+
+async def test_batches_sent_back_to_back_get_their_own_replies(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis, timeout=5)
+    try:
+        connection = await pipeline._connection(0)
+        big = b"x" * 3_000_000  # its reply arrives in many reads
+        await redis.set("big", big)
+        first = connection.request(pack(("GET", "big")) + pack(("INCR", "n")), 2)
+        second = connection.request(pack(("INCR", "n")), 1)
+        assert connection.waiting == 2
+        assert await first == [big, 1]
+        assert await second == [2]
+    finally:
+        await pipeline.aclose()
+
+
+async def test_a_late_reply_times_out_and_the_next_call_gets_a_fresh_connection(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis, timeout=0.3)
+    busy = ("local function now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end "
+            "local start = now() while now() - start < 800000 do end return 'late'")
+    try:
+        slow = asyncio.ensure_future(pipeline.command("EVAL", busy, 0))
+        await asyncio.sleep(0.05)
+        behind = asyncio.ensure_future(pipeline.command("GET", "anything"))  # written behind the slow call
+        for call in (slow, behind):
+            with pytest.raises(RedisTimeoutError):
+                await call
+        late = pipeline._lanes[0]
+        assert late is not None and not late.usable
+        await asyncio.sleep(0.6)  # the busy script ends
+        assert await pipeline.command("SET", "after-timeout", "v") == b"OK"
+        assert pipeline._lanes[0] is not late
+        assert await redis.get("after-timeout") == b"v"
+    finally:
+        await pipeline.aclose()

@@ -9,26 +9,26 @@ round trips, so that Redis runs one while this process handles the other's repli
 A script written to take many calls at once (``combined``; update_activity's touch.lua) goes as one script
 call per turn: Redis's per-script cost, larger than a touch's own work, is then paid once per turn.
 
-The pipeline keeps the few connections it uses checked out between round trips: redis-py's pool takes a
-lock and dispatches events on every checkout, which cost more than the round trip's own work for a single
-call.
+On one Redis, the pipeline holds two connections (one per round trip in flight; more batches queue behind
+them on the same connection) and reads their replies itself (``PipelinedConnection``): a round trip costs one
+write and one read callback, with no task, checkout or stream read on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
-import math
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from hiredis import pack_command
 from redis.asyncio import RedisCluster
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .pipelined_connection import PipelinedConnection
 from .redis_client import RedisClient
 from .scripts import LuaScript
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # the callers of a combined script call (one reply each, in order).
 _Call = tuple[tuple[Any, ...], LuaScript | None, "asyncio.Future[Any] | list[asyncio.Future[Any]]"]
 
-KEPT_CONNECTIONS = 8  # idle connections kept between round trips; more in flight go back to the pool after
+LANES = 2  # connections, one per round trip in flight (see _send_queued)
 COMBINE_LIMIT = 256  # calls per combined script call: bounds how long one script holds Redis
 SPLIT_AT = 16  # calls gathered in one loop turn from which they go as two round trips (see _send_queued)
 
@@ -76,7 +76,8 @@ class AutoPipeline:
         self._queue: list[_Call] = []
         self._scheduled = False
         self._in_flight = 0  # round trips under way
-        self._kept: list[AbstractConnection] = []
+        self._lanes: list[PipelinedConnection | None] = [None] * LANES  # one Redis only
+        self._opening = asyncio.Lock()
         self._combining: dict[tuple[str, tuple[Any, ...], int | None], _Combined] = {}
 
     def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
@@ -161,22 +162,43 @@ class AutoPipeline:
             for group in groups:
                 for lane, half in zip(lanes, group.halves(), strict=False):
                     lane.append(half.call())
-        for lane in lanes:
+        for index, lane in enumerate(lanes):
+            connection = self._lanes[index]
             for start in range(0, len(lane), self.max_batch):  # an empty lane sends nothing
-                task = asyncio.ensure_future(self._send(lane[start:start + self.max_batch]))
-                task.add_done_callback(_report_unexpected)
+                batch = lane[start:start + self.max_batch]
+                if connection is not None and connection.usable:
+                    # The common case: written now, replies handled by the read callback (_replied)
+                    self._in_flight += 1
+                    connection.send(b"".join([pack(args) for args, _, _ in batch]), len(batch),
+                                    functools.partial(self._replied, batch))
+                else:  # a cluster, or the connection is to be opened first
+                    task = asyncio.ensure_future(self._send(batch, index))
+                    task.add_done_callback(_report_unexpected)
 
-    async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]]) -> list[Any]:
+    def _replied(self, batch: list[_Call], replies: list[Any] | Exception) -> None:
+        self._in_flight -= 1
+        if not isinstance(replies, Exception) and any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): load them and run those calls again, off this
+            # read callback
+            task = asyncio.ensure_future(self._send(batch, 0, replies))
+            task.add_done_callback(_report_unexpected)
+            return
+        _deliver_replies(batch, replies)
+
+    async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], lane: int = 0) -> list[Any]:
         """Send ``(command args, script)`` calls now, in one round trip; error replies come back as
         exceptions in the list. A NOSCRIPT reply (Redis restarted or flushed) loads the script and reruns
         only those calls: NOSCRIPT means they did not run, so running them now is their first run."""
-        results = await self._execute([args for args, _ in calls])
+        return await self._rerun_unloaded(calls, await self._execute([args for args, _ in calls], lane), lane)
+
+    async def _rerun_unloaded(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], results: list[Any],
+                              lane: int) -> list[Any]:
         retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if retry:
             scripts = {script.sha: script for i in retry if (script := calls[i][1]) is not None}
             for script in scripts.values():
                 await self.client.script_load(script.source)
-            again = await self._execute([calls[i][0] for i in retry])
+            again = await self._execute([calls[i][0] for i in retry], lane)
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
         return results
@@ -191,91 +213,74 @@ class AutoPipeline:
                 raise result
         return results
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, batch: list[_Call], lane: int, replies: list[Any] | None = None) -> None:
+        """A batch that could not be written at once (a cluster, a connection to open), or whose ``replies``
+        came back with scripts to load and calls to run again."""
         self._in_flight += 1
+        calls = [(args, script) for args, script, _ in batch]
         try:
-            await self._deliver(batch)
-        finally:
-            self._in_flight -= 1
-
-    async def _deliver(self, batch: list[_Call]) -> None:
-        try:
-            results = await self.run([(args, script) for args, script, _ in batch])
+            results: list[Any] | Exception = await (self.run(calls, lane) if replies is None else
+                                                    self._rerun_unloaded(calls, replies, lane))
         except asyncio.CancelledError:
             for _, _, target in batch:
                 for future in _callers(target):
                     future.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - not swallowed: every caller in the round trip gets it
-            for _, _, target in batch:
-                for future in _callers(target):
-                    _settle(future, exc)
-            return
-        for (_, _, target), result in zip(batch, results, strict=True):
-            if not isinstance(target, list):
-                _settle(target, result)
-            elif isinstance(result, list) and len(result) == len(target):
-                for future, reply in zip(target, result, strict=True):
-                    _settle(future, reply)
-            else:  # an error for the whole script call (or a script that broke its contract)
-                error = result if isinstance(result, Exception) else \
-                    ResponseError(f"combined script call replied {type(result).__name__}, not one reply per call")
-                for future in target:
-                    _settle(future, error)
+            results = exc
+        finally:
+            self._in_flight -= 1
+        _deliver_replies(batch, results)
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send the commands in one write and read every reply; error replies come back as exceptions.
+    async def _execute(self, commands: list[tuple[Any, ...]], lane: int = 0) -> list[Any]:
+        """Send the commands in one write and wait for every reply; error replies come back as exceptions.
 
         Replies are raw (no redis-py response callbacks): HGETALL gives a flat list; on a cluster, redis-py's
         callbacks apply (HGETALL gives a dict).
         """
         if isinstance(self.client, RedisCluster):
             return await self._execute_cluster(self.client, commands)
-        pool = self.client.connection_pool
-        connection = await self._checkout(pool)
-        results: list[Any] = []
-        try:
-            await connection.send_packed_command(b"".join(map(pack, commands)), check_health=False)
-            # One deadline for the whole batch: a timer per reply cost a fifth of the hot path's CPU.
-            async with asyncio.timeout(self.timeout):
-                for _ in commands:
-                    try:
-                        results.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as exc:
-                        results.append(exc)
-        except BaseException as exc:
-            # Replies may still be on their way (a timeout, a cancelled caller): the connection is unusable.
-            await connection.disconnect(nowait=True)
-            await pool.release(connection)
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no reply from Redis within {self.timeout}s") from None
-            raise
-        if len(self._kept) < KEPT_CONNECTIONS:
-            self._kept.append(connection)
-        else:
-            await pool.release(connection)
-        return results
+        connection = await self._connection(lane)
+        return await connection.request(b"".join([pack(args) for args in commands]), len(commands))
 
-    async def _checkout(self, pool: ConnectionPool) -> AbstractConnection:
-        """A kept connection, or one from the pool, made sure to be open: one the server closed meanwhile (a
-        restart, a CLIENT KILL) is disconnected here, and sending reconnects it. redis-py's own checkout
-        skips that check when maintenance notifications are on ("auto" by default)."""
-        if self._kept:
-            connection = self._kept.pop()
-        else:
+    async def _connection(self, lane: int) -> PipelinedConnection:
+        """The lane's connection, opened (again) if it is not usable: the server closed it (a restart, a
+        CLIENT KILL) or it timed out."""
+        current = self._lanes[lane]
+        if current is not None and current.usable:
+            return current
+        async with self._opening:
+            current = self._lanes[lane]
+            if current is not None and current.usable:
+                return current
+            self._lanes[lane] = None
+            assert not isinstance(self.client, RedisCluster)
+            pool = self.client.connection_pool
+            if current is not None:
+                await current.release()
+                await pool.release(current.connection)
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        reader = getattr(connection, "_reader", None)
-        if reader is not None and reader.at_eof():
-            await connection.disconnect(nowait=True)
-        return connection
+            try:
+                if getattr(connection, "_reader", None) is None or connection._reader.at_eof():
+                    await connection.disconnect(nowait=True)
+                    await connection.connect()
+                opened = PipelinedConnection(connection, self.timeout)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                await pool.release(connection)
+                raise
+            self._lanes[lane] = opened
+            return opened
 
     async def aclose(self) -> None:
-        """Give the kept connections back to the pool (before the client closes it)."""
+        """Close this pipeline's connections and give them back to the pool (before the client closes it)."""
         if isinstance(self.client, RedisCluster):
             return
-        kept, self._kept = self._kept, []
-        for connection in kept:
-            await self.client.connection_pool.release(connection)
+        lanes, self._lanes = self._lanes, [None] * LANES
+        for connection in lanes:
+            if connection is not None:
+                await connection.release()
+                await self.client.connection_pool.release(connection.connection)
 
     async def _execute_cluster(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
         """On a cluster: redis-py's cluster pipeline sends each node its commands (one round trip per node, in
@@ -320,6 +325,26 @@ def _pack_python(args: tuple[Any, ...]) -> bytes:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
         parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
     return b"".join(parts)
+
+
+def _deliver_replies(batch: list[_Call], results: list[Any] | Exception) -> None:
+    """Hand each caller in a round trip its reply, or all of them the error that ended the round trip."""
+    if isinstance(results, Exception):
+        for _, _, target in batch:
+            for future in _callers(target):
+                _settle(future, results)
+        return
+    for (_, _, target), result in zip(batch, results, strict=True):
+        if not isinstance(target, list):
+            _settle(target, result)
+        elif isinstance(result, list) and len(result) == len(target):
+            for future, reply in zip(target, result, strict=True):
+                _settle(future, reply)
+        else:  # an error for the whole script call (or a script that broke its contract)
+            error = result if isinstance(result, Exception) else \
+                ResponseError(f"combined script call replied {type(result).__name__}, not one reply per call")
+            for future in target:
+                _settle(future, error)
 
 
 def _callers(target: asyncio.Future[Any] | list[asyncio.Future[Any]]) -> list[asyncio.Future[Any]]:
