@@ -33,7 +33,7 @@ async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", T + 2000, 5]) == [[2, 1, 5]]
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2000, 5]) == [[2, 1, 5, T + 2000]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
@@ -43,11 +43,18 @@ async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRed
     assert await fake.pexpiretime(KEYS[0]) == T + 62_000  # the real expiry: last activity + timeout
 
 
+async def test_touch_replies_the_version_unless_counters_are_asked_for(fake: fakeredis.FakeAsyncRedis) -> None:
+    await _create(fake)
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 2000, 5]) == [2]
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2001, 7]) == [[3, 2, 12, T + 2001]]
+    assert await fake.hmget(KEYS[0], ["la", "ex"]) == [str(T + 2001).encode(), str(T + 62_001).encode()]
+
+
 async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
     assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
     assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", T + 3002, 5]) == [-1]
+    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 3002, 5]) == [-1]
     assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.
@@ -92,7 +99,7 @@ async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakere
         assert (await scripts.ENSURE(fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
     assert await count(T) == 3
     # "a" slides its expiry into a later bucket: still one session
-    await scripts.TOUCH(fake, keys("a")[:1], [10_000, "1", BUCKET, "0", T + 5_000, 0])
+    await scripts.TOUCH(fake, keys("a")[:1], [10_000, "1", BUCKET, "0", "0", T + 5_000, 0])
     assert await count(T + 5_000) == 3
     assert await scripts.REMOVE(fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
     assert await count(T + 5_001) == 2

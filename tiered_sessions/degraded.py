@@ -147,10 +147,11 @@ class DegradedMode:
             await self._apply(sid, op, args, version)
 
     async def _apply(self, sid: str, op: str, args: dict[str, Any], version: int) -> None:
-        now_ms = int(time.time() * 1000)
         if op == "touch":
-            await self.hot.touch(sid, now_ms, int(args["duration_ms"]), journal_version=version)
-        elif op == "merge":
+            await self.hot.touch(sid, int(args["duration_ms"]), journal_version=version)
+            return
+        now_ms = int(time.time() * 1000)
+        if op == "merge":
             pairs = [item for pair in split_document(args["data"], DATA_PREFIX)
                      + split_document(args["metadata"], META_PREFIX) for item in pair]
             state = STATE_CODES[args["state"]] if args.get("state") else b""

@@ -75,8 +75,11 @@ class HotTier:
         # Per partition: the session key prefix, the dirty index and the live counts (what keys() puts together).
         self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.counts_key(p))
                                 for p in range(self.partitions)]
-        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0")
-        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1")
+        # touch.lua's shared ARGV: plain touches (reply: the version), touches whose caller holds a Session
+        # (reply: the counters too), journal replays
+        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0")
+        self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1")
+        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0")
         self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
         # On a cluster every script touches one slot: the session limit is counted before the script instead.
         self.cluster = isinstance(client, RedisCluster)
@@ -111,17 +114,22 @@ class HotTier:
         reply = await self.pipeline.command("HGETALL", self.keys(session_id).session)
         return reply if isinstance(reply, dict) else pairs_to_dict(reply)  # RESP3 sends a map, RESP2 a list
 
-    def touch(self, session_id: str, now_ms: int, duration_ms: int, journal_version: int | None = None
-              ) -> Awaitable[int | list[int]]:
-        """Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less. The
-        script finds the id, dirty index and live counts from the session key: three items per call to pack."""
+    def touch(self, session_id: str, duration_ms: int, counters: bool = False,
+              journal_version: int | None = None) -> Awaitable[int | list[int]]:
+        """Replies 0 (not in Redis), -1 (gone), -3 (replayed already), or the new version (> 0); with
+        ``counters``, ``[version, requests, duration, now_ms]`` instead of the version. The touch's time is
+        when the pipeline sends it (calls in one loop turn share it).
+
+        Not a coroutine: the hot path's caller awaits the pipeline's future directly, one layer less. The
+        script finds the id, dirty index and live counts from the session key: two items per call to pack."""
         partition = partition_of(session_id, self.partitions)
         session = (self._partition_keys[partition][0] + session_id,)
         slot = partition if self.cluster else None
         if journal_version is None:
-            return self.pipeline.combined(scripts.TOUCH, self._touch_shared, session, (now_ms, duration_ms), slot)
-        return self.pipeline.combined(scripts.TOUCH, self._replay_shared, session,
-                                      (now_ms, duration_ms, journal_version), slot)
+            shared = self._counters_shared if counters else self._touch_shared
+            return self.pipeline.combined(scripts.TOUCH, shared, session, (duration_ms,), slot)
+        return self.pipeline.combined(scripts.TOUCH, self._replay_shared, session, (duration_ms, journal_version),
+                                      slot)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      max_sessions: int | None, size: int, pairs: Sequence[bytes | str]

@@ -402,19 +402,18 @@ class SessionManager:
                 return counted
             if not self._backlog_ok.is_set():
                 await self._wait_for_backlog()
-            now_ms = int(time.time() * 1000)  # _now_ms(), without a call on the hot path
-            reply = await hot.touch(sid, now_ms, duration)
+            # A Session object a caller holds sees the new counters, which only then come back (a miss in a
+            # WeakValueDictionary raises and catches a KeyError: asking its size first is cheaper)
+            session = self._sessions.get(sid) if self._sessions else None
+            reply = await hot.touch(sid, duration, session is not None)
             if reply == 0 and self._persist:
                 fields, _ = await self._read_through(sid)
                 if fields is not None:
-                    reply = await hot.touch(sid, now_ms, duration)
+                    reply = await hot.touch(sid, duration, session is not None)
             if not isinstance(reply, list):
-                return False
-            # Session objects callers hold see the new counters (a miss in a WeakValueDictionary raises and
-            # catches a KeyError: asking its size first is cheaper when nothing is held)
-            session = self._sessions.get(sid) if self._sessions else None
+                return reply > 0  # the new version, or a status: 0 missing, -1 gone
             if session is not None:
-                session.version, session.request_count, session.total_duration_ms = (int(x) for x in reply)
+                session.version, session.request_count, session.total_duration_ms, now_ms = (int(x) for x in reply)
                 session.last_activity = now_ms / 1000
                 session.expires_at = (now_ms + hot.timeout_ms) / 1000
             return True

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -54,8 +55,8 @@ class _Combined:
     futures: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
 
     def call(self) -> _Call:
-        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, *self.args), self.script,
-                self.futures)
+        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, _now_ms(), *self.args),
+                self.script, self.futures)
 
     def halves(self) -> list[_Combined]:
         count = len(self.futures)
@@ -88,12 +89,14 @@ class AutoPipeline:
 
     def combined(self, script: LuaScript, shared: tuple[Any, ...], keys: Sequence[Any], args: Sequence[Any],
                  slot: int | None = None) -> Awaitable[Any]:
-        """One call of a script written to take many: its ARGV is ``shared``, then each call's ``args`` (a
-        fixed number per call), its KEYS each call's ``keys``, and it replies with a list, one reply per call.
-        Calls made in the same loop turn with the same script, shared args and ``slot`` (a cluster slot's
-        stand-in; None on one Redis) go as one script call, so Redis pays its per-script cost once for all."""
+        """One call of a script written to take many: its ARGV is ``shared``, then the time the calls are sent
+        (Unix ms: they share it), then each call's ``args`` (a fixed number per call), its KEYS each call's
+        ``keys``, and it replies with a list, one reply per call. Calls made in the same loop turn with the
+        same script, shared args and ``slot`` (a cluster slot's stand-in; None on one Redis) go as one script
+        call, so Redis pays its per-script cost once for all."""
         if self._quiet:
-            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, *args), script)
+            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, _now_ms(), *args),
+                                         script)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         group_key = (script.sha, shared, slot)
@@ -325,6 +328,10 @@ def _pack_python(args: tuple[Any, ...]) -> bytes:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
         parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
     return b"".join(parts)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _deliver_replies(batch: list[_Call], results: list[Any] | Exception) -> None:

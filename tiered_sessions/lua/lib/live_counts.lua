@@ -8,7 +8,8 @@ local function live_floor(counts)
 end
 
 local function live_bump(counts, bucket, delta)
-  if redis.call('HINCRBY', counts, bucket, delta) == 0 then redis.call('HDEL', counts, bucket) end
+  local field = string.format('%d', bucket)  -- not the number: Redis would format it with '%.17g', slowly
+  if redis.call('HINCRBY', counts, field, delta) == 0 then redis.call('HDEL', counts, field) end
 end
 
 -- A session becomes live (delta 1) or stops being live before its expiry (delta -1).
