@@ -150,6 +150,7 @@ async def test_batches_sent_back_to_back_get_their_own_replies(redis: aioredis.R
         assert connection.waiting == 2
         assert await first == [big, 1]
         assert await second == [2]
+        assert await asyncio.wait_for(pipeline.run([]), 1) == []  # nothing to send: no reply to wait for
     finally:
         await pipeline.aclose()
 
@@ -171,5 +172,22 @@ async def test_a_late_reply_times_out_and_the_next_call_gets_a_fresh_connection(
         assert await pipeline.command("SET", "after-timeout", "v") == b"OK"
         assert pipeline._lanes[0] is not late
         assert await redis.get("after-timeout") == b"v"
+    finally:
+        await pipeline.aclose()
+
+
+async def test_push_messages_between_replies_are_skipped(redis: aioredis.Redis) -> None:
+    """RESP3 servers push notifications (here: client-side caching invalidations) that answer no command."""
+    pipeline = AutoPipeline(redis, timeout=5)
+    try:
+        connection = await pipeline._connection(0)
+        await redis.set("tracked", "1")
+        tracking, first = await connection.request(pack(("CLIENT", "TRACKING", "ON")) + pack(("GET", "tracked")), 2)
+        if isinstance(tracking, ResponseError):
+            pytest.skip(f"this connection speaks RESP2: no push messages ({tracking})")
+        assert first == b"1"
+        await redis.set("tracked", "2")  # the server pushes an invalidation of "tracked" to our connection
+        await asyncio.sleep(0.1)
+        assert await connection.request(pack(("GET", "tracked")) + pack(("ECHO", "after")), 2) == [b"2", b"after"]
     finally:
         await pipeline.aclose()

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 from redis._parsers.base import BaseParser
@@ -21,6 +21,9 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# RESP3 push messages (server notifications) come between replies, answering nothing: they are skipped.
+_PUSH: Final = getattr(hiredis, "PushNotification", None)
 
 # A batch's replies (error replies as exceptions, as redis-py raises them), or the error that ended the whole
 # batch: the connection was lost, or Redis did not answer in time.
@@ -99,11 +102,13 @@ class PipelinedConnection(asyncio.Protocol):
                     reply = reader.gets()
                     if reply is False:  # the rest has not arrived yet
                         return
-                    replies.append(reply)
+                    if type(reply) is not _PUSH:
+                        replies.append(reply)
                 waiting.popleft()
                 batch.on_replies(replies)
-            if reader.gets() is not False:
-                raise InvalidResponse("Redis sent a reply nobody asked for")
+            while (reply := reader.gets()) is not False:
+                if type(reply) is not _PUSH:
+                    raise InvalidResponse("Redis sent a reply nobody asked for")
         except InvalidResponse as exc:
             self._end(exc)
 

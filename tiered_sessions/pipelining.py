@@ -241,6 +241,8 @@ class AutoPipeline:
         Replies are raw (no redis-py response callbacks): HGETALL gives a flat list; on a cluster, redis-py's
         callbacks apply (HGETALL gives a dict).
         """
+        if not commands:  # no replies would ever come to complete it
+            return []
         if isinstance(self.client, RedisCluster):
             return await self._execute_cluster(self.client, commands)
         connection = await self._connection(lane)
