@@ -50,6 +50,17 @@ async def test_touch_replies_the_version_unless_counters_are_asked_for(fake: fak
     assert await fake.hmget(KEYS[0], ["la", "ex"]) == [str(T + 2001).encode(), str(T + 62_001).encode()]
 
 
+async def test_one_ack_clears_more_entries_than_one_zrem_takes(fake: fakeredis.FakeAsyncRedis) -> None:
+    ids = [f"s{i}" for i in range(1203)]  # the script removes them 500 at a time
+    for sid in ids:
+        await fake.hset(f"ts:{{p0}}:s:{sid}", mapping={"v": 1, "st": "a", "ex": T + 60_000})
+    await fake.zadd(KEYS[1], {sid: T for sid in ids} | {"written-again": T})
+    await fake.hset("ts:{p0}:s:written-again", mapping={"v": 2, "st": "a", "ex": T + 60_000})
+    triples = [item for sid in [*ids, "written-again"] for item in (sid, 1, "1")]
+    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 100, "?", *triples]) == 1203
+    assert await fake.zrange(KEYS[1], 0, -1, withscores=True) == [(b"written-again", T + 100)]
+
+
 async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
     assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2

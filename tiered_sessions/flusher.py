@@ -314,7 +314,7 @@ class Flusher:
         while time.monotonic() < deadline:
             async for attempt in self._retrying(None, deadline):
                 with attempt:
-                    result, durable_dirty, complete = await self._drain_pass(up_to, done, extra)
+                    result, durable_dirty, complete = await self._drain_pass(up_to, done, extra, deadline)
             if progress is not None:
                 progress(result)
             if complete:
@@ -322,47 +322,47 @@ class Flusher:
         dirty, _ = await self.update_gauges()
         return max(0, dirty - durable_dirty)
 
-    async def _drain_pass(self, up_to: int | None, done: dict[str, int], extra: dict[int, int]
+    async def _drain_pass(self, up_to: int | None, done: dict[str, int], extra: dict[int, int], deadline: float
                           ) -> tuple[PassResult, int, bool]:
         """One on-demand pass over every partition. Returns the result, how many claimed entries were already
         durable (written by this drain at their current version), and whether the pass saw every dirty entry
         and all of them were durable (nothing new to write)."""
         started = time.perf_counter()
-        read_ms = int(time.time() * 1000)
         await self.renew()
         result = PassResult()
-        skipped = 0
         saw_all = True
         wrote = False
+        token = "?" + self.flusher_id  # ours or nobody's (our loop may take one)
 
         async def one_group(group: list[int]) -> None:
-            nonlocal skipped, saw_all, wrote
-            limits = [self.batch_size + extra[p] for p in group]
-            claims = await self.hot.claim(group, limits, up_to or read_ms, read_ms)
-            fresh: dict[int, list[DirtyEntry]] = {}
-            for partition, entries, limit in zip(group, claims, limits, strict=True):
-                new = [e for e in entries if done.get(e.session_id) != e.version]
-                skipped += len(entries) - len(new)
-                extra[partition] = len(entries) - len(new)
-                if len(entries) >= limit:
-                    saw_all = False
-                if new:
-                    fresh[partition] = new
-            result.claimed += sum(map(len, fresh.values()))
-            tokens = dict.fromkeys(fresh, "?" + self.flusher_id)  # ours or nobody's (our loop may take one)
-            rewrites = await self._write_and_ack(fresh, read_ms, tokens, result)
-            for entries in fresh.values():
-                for entry in entries:
-                    if entry.session_id not in rewrites:
-                        done[entry.session_id] = entry.version
-            wrote = wrote or bool(fresh)
+            # A partition at a time, claimed again until it holds nothing more: while this group writes one
+            # batch to Postgres, the other groups' claims run in Redis, with no wait for a whole pass between.
+            nonlocal saw_all, wrote
+            for partition in group:
+                full = True
+                while full and time.monotonic() < deadline:
+                    read_ms = int(time.time() * 1000)
+                    limit = self.batch_size + extra[partition]
+                    (entries,) = await self.hot.claim([partition], [limit], up_to or read_ms, read_ms)
+                    new = [e for e in entries if done.get(e.session_id) != e.version]
+                    extra[partition] = len(entries) - len(new)  # claim beyond these next time
+                    full = len(entries) >= limit
+                    if not new:
+                        continue
+                    result.claimed += len(new)
+                    rewrites = await self._write_and_ack({partition: new}, read_ms, {partition: token}, result)
+                    for entry in new:
+                        if entry.session_id not in rewrites:
+                            done[entry.session_id] = entry.version
+                    wrote = True
+                saw_all = saw_all and not full
 
         await self._in_groups(self.partitions, one_group)
         result.full = not saw_all
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
-        return result, skipped, saw_all and not wrote
+        return result, sum(extra[p] for p in self.partitions), saw_all and not wrote
 
 
 def _log_retry(state: RetryCallState) -> None:

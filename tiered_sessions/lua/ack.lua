@@ -13,17 +13,25 @@ if string.sub(ARGV[4], 1, 1) == '?' then
 elseif holder ~= ARGV[4] then
   return -1
 end
-local cleared = 0
+-- The cleared ids leave the index in one ZREM per few hundred, not one each (unpack() of many more would
+-- overflow Lua's stack)
+local cleared, pending = 0, {}
+local function clear(id)
+  cleared = cleared + 1
+  pending[#pending + 1] = id
+  if #pending == 500 then
+    redis.call('ZREM', KEYS[1], unpack(pending))
+    pending = {}
+  end
+end
 for i = 5, #ARGV, 3 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
   local current = redis.call('HMGET', key, 'v', 'st', 'ex')
   if not current[1] then
-    redis.call('ZREM', KEYS[1], id)
-    cleared = cleared + 1
+    clear(id)
   elseif current[1] == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], id)
-    cleared = cleared + 1
+    clear(id)
     if current[2] == 'x' then
       redis.call('PEXPIRE', key, ARGV[2])
     else
@@ -36,4 +44,5 @@ for i = 5, #ARGV, 3 do
     redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
   end
 end
+if #pending > 0 then redis.call('ZREM', KEYS[1], unpack(pending)) end
 return cleared

@@ -31,7 +31,10 @@ end
 
 local function full_row(id, key)
   local flat = redis.call('HGETALL', key)
-  local f, data, meta = {}, {}, {}
+  -- Every fixed field present from the start: the table is sized once, not grown field by field
+  local f = {v = false, st = false, c = false, la = false, ex = false, rc = false, td = false, u = false,
+             ut = false, ip = false, ua = false, sz = false, k = false, jv = false}
+  local data, meta = {}, {}
   for i = 1, #flat, 2 do
     local field, value = flat[i], flat[i + 1]
     local prefix = sub(field, 1, 2)
