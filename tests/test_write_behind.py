@@ -4,10 +4,12 @@ stick, recovery after Redis loses everything."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
@@ -208,3 +210,25 @@ async def test_background_flusher_writes_within_a_few_intervals(manager: Session
     while await pg_row(pg, settings, "bg") is None:
         assert time.monotonic() < deadline, "the background flusher never wrote the session"
         await asyncio.sleep(0.02)
+
+
+async def test_each_batch_goes_to_postgres_in_session_id_order(settings: Settings,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two flushers writing the same rows lock them in the same order: no deadlock between them."""
+    async with SessionManager(settings=dataclasses.replace(settings, run_flusher=False)) as manager:
+        assert manager.store is not None
+        ids = [f"order-{n:03d}" for n in range(200, 0, -1)]  # newest first: not the dirty index's order
+        for sid in ids:
+            await manager.ensure(sid)
+        statements: list[list[str]] = []
+        original = manager.store.upsert_batch
+
+        async def recording(rows: list[bytes]) -> None:
+            statements.append([orjson.loads(row)["i"] for row in rows])
+            await original(rows)
+
+        monkeypatch.setattr(manager.store, "upsert_batch", recording)
+        assert await manager.flush() == 0
+    assert sorted(sid for statement in statements for sid in statement) == sorted(ids)
+    assert all(statement == sorted(statement) for statement in statements)
+    assert any(len(statement) > 1 for statement in statements)

@@ -126,15 +126,19 @@ class Flusher:
         """One pass over the partitions this flusher holds: what was dirty at or before ``max_score_ms``
         (default: now). Acks are fenced by the lease; a partition whose lease is gone is dropped."""
         started = time.perf_counter()
-        read_ms = int(time.time() * 1000)
         result = PassResult()
         tokens = dict.fromkeys(self.held, self.flusher_id)
 
         async def one_group(group: list[int]) -> None:
-            claims = await self.hot.claim(group, self.batch_size, max_score_ms or read_ms, read_ms)
-            result.claimed += sum(map(len, claims))
-            result.full = result.full or any(len(c) >= self.batch_size for c in claims)
-            await self._write_and_ack(dict(zip(group, claims, strict=True)), read_ms, tokens, result)
+            # A partition at a time: one group's claim runs in Redis while another's batch is written, and a
+            # partition claimed later in the pass takes along what was dirtied meanwhile
+            for partition in group:
+                read_ms = int(time.time() * 1000)
+                entries = await self.hot.claim(partition, self.batch_size, max_score_ms or read_ms, read_ms)
+                result.claimed += len(entries)
+                result.full = result.full or len(entries) >= self.batch_size
+                if entries:
+                    await self._write_and_ack({partition: entries}, read_ms, tokens, result)
 
         await self._in_groups(sorted(self.held), one_group)
         if result.claimed:
@@ -161,7 +165,9 @@ class Flusher:
         rewrites: set[str] = set()
         pending = [entry for entries in claims.values() for entry in entries]
         for start in range(0, len(pending), self.batch_size):
-            batch = pending[start:start + self.batch_size]
+            # In id order: two flushers writing the same rows (an on-demand flush beside the lease holder) then
+            # lock them in the same order, and neither can wait on the other in a cycle (a deadlock).
+            batch = sorted(pending[start:start + self.batch_size], key=_session_id)
             # An entry whose hash is gone (FLUSHALL, eviction) has nothing to write: its mark is just dropped.
             whole = [entry for entry in batch if entry.version and entry.kind != "activity"]
             activity = [entry for entry in batch if entry.kind == "activity"]
@@ -343,7 +349,7 @@ class Flusher:
                 while full and time.monotonic() < deadline:
                     read_ms = int(time.time() * 1000)
                     limit = self.batch_size + extra[partition]
-                    (entries,) = await self.hot.claim([partition], [limit], up_to or read_ms, read_ms)
+                    entries = await self.hot.claim(partition, limit, up_to or read_ms, read_ms)
                     new = [e for e in entries if done.get(e.session_id) != e.version]
                     extra[partition] = len(entries) - len(new)  # claim beyond these next time
                     full = len(entries) >= limit
@@ -363,6 +369,10 @@ class Flusher:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
         return result, sum(extra[p] for p in self.partitions), saw_all and not wrote
+
+
+def _session_id(entry: DirtyEntry) -> str:
+    return entry.session_id
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -227,18 +227,14 @@ class HotTier:
         return sum(int(reply[0]) for reply in replies)
 
     # -- flusher ------------------------------------------------------------------------------------------
-    async def claim(self, partitions: Sequence[int], limit: int | Sequence[int], max_score_ms: int, now_ms: int
-                    ) -> list[list[DirtyEntry]]:
-        """The oldest dirty entries of each partition (dirty at or before ``max_score_ms``); ``limit`` is one
-        for all, or one per partition. A row whose expiry is at or before ``now_ms`` comes as expired."""
-        limits = [limit] * len(partitions) if isinstance(limit, int) else list(limit)
-        calls = [(scripts.CLAIM, [self.dirty_key(p)], [self.session_key_prefix(p), n, max_score_ms, now_ms])
-                 for p, n in zip(partitions, limits, strict=True)]
-        replies = await self.pipeline.run_scripts(calls)
-        return [[DirtyEntry(p, reply[i].decode(), int(reply[i + 1] or 0), _KINDS[reply[i + 2] or b""],
-                            reply[i + 3] or b"")
-                 for i in range(0, len(reply), 4)]
-                for p, reply in zip(partitions, replies, strict=True)]
+    async def claim(self, partition: int, limit: int, max_score_ms: int, now_ms: int) -> list[DirtyEntry]:
+        """The oldest dirty entries of a partition (dirty at or before ``max_score_ms``), at most ``limit``. A
+        row whose expiry is at or before ``now_ms`` comes as expired."""
+        reply = await self.pipeline.evalsha(scripts.CLAIM, [self.dirty_key(partition)],
+                                            [self.session_key_prefix(partition), limit, max_score_ms, now_ms])
+        return [DirtyEntry(partition, reply[i].decode(), int(reply[i + 1] or 0), _KINDS[reply[i + 2] or b""],
+                           reply[i + 3] or b"")
+                for i in range(0, len(reply), 4)]
 
     async def ack(self, written: dict[int, list[tuple[str, int, bool]]], read_ms: int, tokens: dict[int, str]
                   ) -> dict[int, int]:

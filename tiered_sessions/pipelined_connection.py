@@ -25,6 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # RESP3 push messages (server notifications) come between replies, answering nothing: they are skipped.
 _PUSH: Final = getattr(hiredis, "PushNotification", None)
 
+_FEED_BYTES: Final = 16384
+
 # A batch's replies (error replies as exceptions, as redis-py raises them), or the error that ended the whole
 # batch: the connection was lost, or Redis did not answer in time.
 OnReplies = Callable[[list[Any] | Exception], None]
@@ -92,25 +94,32 @@ class PipelinedConnection(asyncio.Protocol):
         return future
 
     def data_received(self, data: bytes) -> None:
-        reader, waiting = self._reader, self._waiting
-        reader.feed(data)
+        # Fed 16 KiB at a time: hiredis moves its unread bytes down after every reply it returns, which over a
+        # whole 256 KiB read of small replies cost eight times the parsing
         try:
-            while waiting:
-                batch = waiting[0]
-                replies = batch.replies
-                while len(replies) < batch.count:
-                    reply = reader.gets()
-                    if reply is False:  # the rest has not arrived yet
-                        return
-                    if type(reply) is not _PUSH:
-                        replies.append(reply)
-                waiting.popleft()
-                batch.on_replies(replies)
-            while (reply := reader.gets()) is not False:
-                if type(reply) is not _PUSH:
-                    raise InvalidResponse("Redis sent a reply nobody asked for")
+            for offset in range(0, len(data), _FEED_BYTES):
+                self._reader.feed(data, offset, min(_FEED_BYTES, len(data) - offset))
+                self._hand_out()
         except InvalidResponse as exc:
             self._end(exc)
+
+    def _hand_out(self) -> None:
+        """Give each batch whose replies are all in its replies, in the order the batches were sent."""
+        reader, waiting = self._reader, self._waiting
+        while waiting:
+            batch = waiting[0]
+            replies = batch.replies
+            while len(replies) < batch.count:
+                reply = reader.gets()
+                if reply is False:  # the rest has not arrived yet
+                    return
+                if type(reply) is not _PUSH:
+                    replies.append(reply)
+            waiting.popleft()
+            batch.on_replies(replies)
+        while (reply := reader.gets()) is not False:
+            if type(reply) is not _PUSH:
+                raise InvalidResponse("Redis sent a reply nobody asked for")
 
     def eof_received(self) -> bool:
         return False  # close: connection_lost fails what is waiting
