@@ -25,7 +25,7 @@ def test_settings_precedence() -> None:
 
 @pytest.mark.parametrize("bad", [{"partitions": 0}, {"table": "x; drop"}, {"schema": "a.b"},
                                  {"max_concurrent_sessions": 0}, {"flush_interval_secs": -1},
-                                 {"key_prefix": "a b"}])
+                                 {"key_prefix": "a b"}, {"redis_max_connections": 2}])
 def test_settings_refuse_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         Settings(**bad)  # type: ignore[arg-type]

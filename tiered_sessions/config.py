@@ -87,6 +87,9 @@ class Settings:
             raise ConfigurationError("backpressure_timeout_secs must be >= 0 and backlog_poll_secs > 0")
         if self.drain_timeout_secs < 0:
             raise ConfigurationError("drain_timeout_secs must be >= 0")
+        if self.redis_max_connections < 3:
+            # the hot path keeps two connections open: anything less would leave the other calls none
+            raise ConfigurationError(f"redis_max_connections must be >= 3, got {self.redis_max_connections}")
         if self.max_concurrent_sessions is not None and self.max_concurrent_sessions < 1:
             raise ConfigurationError("max_concurrent_sessions must be >= 1 or None (no limit)")
         for name in ("schema", "table"):
