@@ -94,7 +94,8 @@ def test_pack_matches_resp() -> None:
         pack(("SET", object()))
 
 
-async def test_round_trips_reuse_a_kept_connection(redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_round_trips_reuse_the_pipelines_connection(redis: aioredis.Redis,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = AutoPipeline(redis, timeout=5)
     pool = redis.connection_pool
     checkouts = 0
@@ -113,12 +114,12 @@ async def test_round_trips_reuse_a_kept_connection(redis: aioredis.Redis, monkey
     assert await pipeline.command("GET", "kept") == b"19" and checkouts == 2
 
 
-async def test_a_kept_connection_the_server_closed_is_replaced(redis: aioredis.Redis) -> None:
+async def test_a_connection_the_server_closed_is_replaced(redis: aioredis.Redis) -> None:
     pipeline = AutoPipeline(redis, timeout=5)
-    assert await pipeline.command("CLIENT", "SETNAME", "kept-by-pipeline") == b"OK"
+    assert await pipeline.command("CLIENT", "SETNAME", "held-by-pipeline") == b"OK"
     killed = await redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")  # type: ignore[no-untyped-call]
     assert killed >= 1
-    await asyncio.sleep(0.05)  # the EOF reaches our side of the kept connection
+    await asyncio.sleep(0.05)  # the EOF reaches our side of the connection
     assert await pipeline.command("SET", "after-kill", "v") == b"OK"
     assert await redis.get("after-kill") == b"v"
 
