@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -147,6 +148,11 @@ def split_document(document: Mapping[str, Any], prefix: str) -> list[tuple[bytes
 
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def now_ms() -> int:
+    """Unix time in ms: the clock of every timestamp and expiry Redis and the flusher keep."""
+    return int(time.time() * 1000)
 
 
 def session_from_hash(session_id: str, fields: Mapping[bytes, bytes]) -> Session:

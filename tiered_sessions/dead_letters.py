@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from . import metrics
+from . import codec, metrics
 from .codec import hash_from_record, partition_of
 from .cold_tier import ColdRecord
 from .hot_tier import DirtyEntry, HotTier
@@ -69,7 +69,7 @@ class DeadLetters:
         Redis no longer holds is first put back from the dead letter's copy. Returns how many."""
         letters = {letter.session_id: letter for letter in await self.list()}
         chosen = list(letters) if session_ids is None else [sid for sid in session_ids if sid in letters]
-        now_ms = int(time.time() * 1000)
+        now_ms = codec.now_ms()
         for sid in chosen:
             if not (await self.hot.redirty([sid], now_ms))[0]:
                 pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import metrics
+from . import codec, metrics
 from .codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
 from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
 from .config import Settings
@@ -150,7 +150,7 @@ class DegradedMode:
         if op == "touch":
             await self.hot.touch(sid, int(args["duration_ms"]), journal_version=version)
             return
-        now_ms = int(time.time() * 1000)
+        now_ms = codec.now_ms()
         if op == "merge":
             pairs = [item for pair in split_document(args["data"], DATA_PREFIX)
                      + split_document(args["metadata"], META_PREFIX) for item in pair]

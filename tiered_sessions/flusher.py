@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
-from . import metrics
+from . import codec, metrics
 from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore
 from .config import Settings
 from .dead_letters import DeadLetters
@@ -86,7 +86,7 @@ class Flusher:
 
     async def rebalance(self) -> None:
         """Heartbeat, renew the leases held, give back extras, take free partitions up to the fair share."""
-        live = await self.hot.heartbeat(self.flusher_id, int(time.time() * 1000), self.lease_ms, 3 * self.lease_ms)
+        live = await self.hot.heartbeat(self.flusher_id, codec.now_ms(), self.lease_ms, 3 * self.lease_ms)
         target = self.fair_share(live)
         await self.renew()
         if len(self.held) > target:
@@ -133,7 +133,7 @@ class Flusher:
             # A partition at a time: one group's claim runs in Redis while another's batch is written, and a
             # partition claimed later in the pass takes along what was dirtied meanwhile
             for partition in group:
-                read_ms = int(time.time() * 1000)
+                read_ms = codec.now_ms()
                 entries = await self.hot.claim(partition, self.batch_size, max_score_ms or read_ms, read_ms)
                 result.claimed += len(entries)
                 result.full = result.full or len(entries) >= self.batch_size
@@ -230,14 +230,14 @@ class Flusher:
             metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
             rewrite = {row.session_id for row in rows}
         if rewrite:
-            await self.hot.redirty(sorted(rewrite), int(time.time() * 1000))
+            await self.hot.redirty(sorted(rewrite), codec.now_ms())
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
         metrics.FLUSHED_ROWS.labels("activity").inc(len(rows) - len(rewrite))
         return rewrite
 
     async def update_gauges(self) -> tuple[int, float]:
         """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
-        now_ms = int(time.time() * 1000)
+        now_ms = codec.now_ms()
         stats = await self.hot.stats(now_ms)
         oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
         lag = max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0
@@ -313,7 +313,7 @@ class Flusher:
         Returns how many sessions are still dirty and not made durable by this call: they stay in Redis for
         the next flusher."""
         deadline = time.monotonic() + timeout
-        up_to = int(time.time() * 1000) if only_dirty_before_now else None
+        up_to = codec.now_ms() if only_dirty_before_now else None
         done: dict[str, int] = {}  # session id -> version this call wrote (0: a mark with no hash)
         extra = dict.fromkeys(self.partitions, 0)  # per partition: entries already done, to claim beyond them
         durable_dirty = 0
@@ -347,7 +347,7 @@ class Flusher:
             for partition in group:
                 full = True
                 while full and time.monotonic() < deadline:
-                    read_ms = int(time.time() * 1000)
+                    read_ms = codec.now_ms()
                     limit = self.batch_size + extra[partition]
                     entries = await self.hot.claim(partition, limit, up_to or read_ms, read_ms)
                     new = [e for e in entries if done.get(e.session_id) != e.version]

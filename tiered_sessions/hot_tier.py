@@ -15,7 +15,6 @@ as a small session's own hash. Listing scans the session keys; the per-user list
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -211,7 +210,7 @@ class HotTier:
                    ) -> tuple[scripts.LuaScript, list[str], list[Any]]:
         keys = self.keys(session_id)
         return scripts.WARM, [keys.session, keys.counts], [session_id, expires_ms, "1" if reply else "0",
-                                                           int(time.time() * 1000), self.bucket_ms, *pairs]
+                                                           codec.now_ms(), self.bucket_ms, *pairs]
 
     async def warm(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int]
                    ) -> tuple[bool, dict[bytes, bytes]]:
@@ -311,22 +310,24 @@ class HotTier:
             pipe.zcard(self.dirty_key(p))
         return sum(int(count) for count in await pipe.execute())
 
-    async def live_ids(self, now_ms: int, page: int = 1000) -> list[list[str]]:
-        """Ids of the sessions live now (not removed, expiry after now), per partition: a SCAN of the session
-        keys (every node of a cluster), then each one's state and expiry. Work in proportion to the keys in
-        Redis: for listings and cleanup, not for the hot path."""
+    async def live_sessions(self, now_ms: int, fields: Sequence[bytes] = (), page: int = 1000
+                            ) -> dict[str, list[bytes | None]]:
+        """The sessions live now (not removed, expiry after now), each with the values of ``fields``, read in
+        the same HMGET as the state and expiry that decide it: a SCAN of the session keys (every node of a
+        cluster), then one read a key. Work in proportion to the keys in Redis: for listings and cleanup, not
+        for the hot path."""
         pattern = f"{self.prefix}:{{p*}}:s:*"  # ids cannot hold "}", so only session keys match
         found = list(dict.fromkeys([key async for key in self.client.scan_iter(match=pattern, count=page,
                                                                                 _type="hash")]))
         ids = [key.decode().partition("}:s:")[2] for key in found]
-        out: list[list[str]] = [[] for _ in range(self.partitions)]
+        live: dict[str, list[bytes | None]] = {}
         for start in range(0, len(ids), page):
             chunk = ids[start:start + page]
-            fields = await self.read_fields(chunk, [codec.STATE, codec.EXPIRES])
-            for sid, (state, expires) in zip(chunk, fields, strict=True):
+            for sid, (state, expires, *values) in zip(
+                    chunk, await self.read_fields(chunk, [codec.STATE, codec.EXPIRES, *fields]), strict=True):
                 if codec.is_live(state, expires, now_ms):
-                    out[partition_of(sid, self.partitions)].append(sid)
-        return out
+                    live[sid] = values
+        return live
 
     async def read_fields(self, session_ids: Sequence[str], fields: Sequence[bytes]) -> list[list[bytes | None]]:
         pipe = self.client.pipeline(transaction=False)

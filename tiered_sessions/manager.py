@@ -339,7 +339,7 @@ class SessionManager:
         if not self._backlog_ok.is_set():
             await self._wait_for_backlog()
         limit = self.settings.max_concurrent_sessions
-        now_ms = _now_ms()
+        now_ms = codec.now_ms()
         status, reply = await hot.ensure(sid, now_ms, check_cold=self._persist and not fresh, min_version=0,
                                          max_sessions=limit, size=size, pairs=pairs)
         if status == MISS:
@@ -372,7 +372,7 @@ class SessionManager:
             metrics.READS.labels("hot").inc()
         elif self._persist:
             fields, _ = await self._read_through(sid)
-        if not fields or not _is_live(fields, _now_ms()):
+        if not fields or not _is_live(fields, codec.now_ms()):
             metrics.READS.labels("miss").inc()  # absent, removed or expired: nothing served
             self._sessions.pop(sid, None)
             return None
@@ -485,7 +485,7 @@ class SessionManager:
                 for root, raw in zip(edits.roots, current, strict=True):
                     guards += (paths.field(root), raw or b"")
                 unset_fields += [paths.field(root) for root in edits.roots if root not in roots]
-            reply = await hot.update(sid, _now_ms(), state=_STATE_ARG[closed], pairs=pairs, attributes=attributes,
+            reply = await hot.update(sid, codec.now_ms(), state=_STATE_ARG[closed], pairs=pairs, attributes=attributes,
                                      unset=unset_fields, guards=guards, expected_version=expected_version)
             if reply == 0 and self._persist:
                 fields, _ = await self._read_through(sid)
@@ -528,7 +528,7 @@ class SessionManager:
             if removed is not None:
                 removed.state = REMOVED
             return
-        now_ms = _now_ms()
+        now_ms = codec.now_ms()
         reply = await hot.remove(sid, now_ms, check_cold=self._persist, min_version=0)
         if reply == 0 and self.store is not None:
             # Not in Redis: a session only Postgres knows still gets its tombstone.
@@ -571,7 +571,7 @@ class SessionManager:
         pairs, expires_ms = codec.hash_from_record(record)
         written, fields = await self._hot.warm(sid, expires_ms, pairs)
         metrics.READS.labels("cold" if written else "hot").inc()
-        if not _is_live(fields, _now_ms()):
+        if not _is_live(fields, codec.now_ms()):
             return None, int(fields.get(codec.VERSION, 0))
         return fields, record.version
 
@@ -580,7 +580,7 @@ class SessionManager:
     async def list_ids(self) -> list[str]:
         """Ids of the live sessions in Redis (all processes), in no particular order."""
         hot = await self._ready()
-        return [sid for partition in await hot.live_ids(_now_ms()) for sid in partition]
+        return list(await hot.live_sessions(codec.now_ms()))
 
     @_backend_errors("recover_all_sessions")
     async def recover_all_sessions(self, progress: Callable[[int, int], None] | None = None,
@@ -608,15 +608,13 @@ class SessionManager:
     async def cleanup_stale_sessions(self) -> int:
         """Expire timed-out sessions and remove closed ones, in both tiers. Returns how many."""
         hot = await self._ready()
-        now_ms = _now_ms()
+        now_ms = codec.now_ms()
         await hot.live_counts(now_ms)  # drops the live counts' buckets that have passed
         closed = 0
-        for partition in await hot.live_ids(now_ms):
-            states = await hot.read_fields(partition, [codec.STATE])
-            for sid, (state,) in zip(partition, states, strict=True):
-                if state == codec.STATE_CODES[CLOSED]:
-                    await self.remove(sid)
-                    closed += 1
+        for sid, (state,) in (await hot.live_sessions(now_ms, [codec.STATE])).items():
+            if state == codec.STATE_CODES[CLOSED]:
+                await self.remove(sid)
+                closed += 1
         expired = 0
         if self.store is not None:
             # Redis lets a flushed session lapse by its TTL; Postgres still says live until marked here. (One
@@ -636,18 +634,15 @@ class SessionManager:
     async def get_session_metrics(self) -> dict[str, Any]:
         """The seed's metrics (over live sessions in Redis) plus the write-behind backlog and lag."""
         hot = await self._ready()
-        now_ms = _now_ms()
+        now_ms = codec.now_ms()
         stats = await hot.stats(now_ms)
-        ids = [sid for partition in await hot.live_ids(now_ms) for sid in partition]
         ages: list[float] = []
         active = 0
-        for start in range(0, len(ids), 1000):
-            rows = await hot.read_fields(ids[start:start + 1000], [codec.CREATED, codec.STATE])
-            for created, state in rows:
-                if created is None:
-                    continue
-                ages.append((now_ms - int(created)) / 1000)
-                active += state == codec.STATE_CODES[ACTIVE]
+        for created, state in (await hot.live_sessions(now_ms, [codec.CREATED, codec.STATE])).values():
+            if created is None:
+                continue
+            ages.append((now_ms - int(created)) / 1000)
+            active += state == codec.STATE_CODES[ACTIVE]
         oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
         return {
             "total_sessions": len(ages),
@@ -679,7 +674,7 @@ class SessionManager:
         reply: int | dict[bytes, bytes] = 0
         for _attempt in range(5):
             new_id = _random_id_in(partition, hot.partitions)  # same partition: one script, one cluster slot
-            reply = await hot.rotate(sid, new_id, _now_ms())
+            reply = await hot.rotate(sid, new_id, codec.now_ms())
             if reply == 0 and self._persist:
                 fields, _ = await self._read_through(sid)
                 if fields is not None:
@@ -710,10 +705,8 @@ class SessionManager:
         if self._persist:
             candidates = dict.fromkeys(await hot.dirty_ids_of_user(uid))
         else:
-            live = [sid for partition in await hot.live_ids(_now_ms()) for sid in partition]
-            owners = await hot.read_fields(live, [codec.ATTRIBUTE_FIELDS["user_id"]])
-            candidates = dict.fromkeys(sid for sid, (owner,) in zip(live, owners, strict=True)
-                                       if owner == uid.encode())
+            live = await hot.live_sessions(codec.now_ms(), [codec.ATTRIBUTE_FIELDS["user_id"]])
+            candidates = dict.fromkeys(sid for sid, (owner,) in live.items() if owner == uid.encode())
         if self.store is not None:
             candidates.update(dict.fromkeys(await self.store.user_session_ids(uid)))
         sessions = await asyncio.gather(*(self.get(sid) for sid in candidates))
@@ -812,10 +805,6 @@ def _random_id_in(partition: int, partitions: int) -> str:
         candidate = secrets.token_urlsafe(32)
         if codec.partition_of(candidate, partitions) == partition:
             return candidate
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _is_live(fields: Mapping[bytes, bytes], now_ms: int) -> bool:

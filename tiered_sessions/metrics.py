@@ -16,13 +16,14 @@ by ``await refresh(manager)`` (the ``/metrics`` endpoint of ``tiered-sessions fl
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+
+from . import codec
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -156,7 +157,7 @@ async def refresh(manager: SessionManager) -> TierReading:
     ``/metrics`` handler can await this before rendering; the flusher also sets lag and backlog after each pass."""
     dead_letters = await manager.dead_letters()
     hot = dead_letters.hot
-    now_ms = int(time.time() * 1000)
+    now_ms = codec.now_ms()
     stats = await hot.stats(now_ms)
     pipe = hot.client.pipeline(transaction=False)
     for partition in range(hot.partitions):

@@ -72,6 +72,9 @@ class PipelinedConnection(asyncio.Protocol):
         """Write ``count`` packed commands; ``on_replies`` gets their replies (or the error that ended them)."""
         if not self.usable:
             raise RedisConnectionError("Connection to Redis is closed.")
+        if count == 0:  # no reply would ever come to complete it
+            on_replies([])
+            return
         self._transport.write(data)
         deadline = self._loop.time() + self.timeout
         self._waiting.append(_Batch(count, on_replies, deadline))

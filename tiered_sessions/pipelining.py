@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .codec import now_ms
 from .pipelined_connection import PipelinedConnection
 from .redis_client import RedisClient
 from .scripts import LuaScript
@@ -55,7 +55,7 @@ class _Combined:
     futures: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
 
     def call(self) -> _Call:
-        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, _now_ms(), *self.args),
+        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, now_ms(), *self.args),
                 self.script, self.futures)
 
     def halves(self) -> list[_Combined]:
@@ -95,7 +95,7 @@ class AutoPipeline:
         same script, shared args and ``slot`` (a cluster slot's stand-in; None on one Redis) go as one script
         call, so Redis pays its per-script cost once for all."""
         if self._quiet:
-            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, _now_ms(), *args),
+            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, now_ms(), *args),
                                          script)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -241,8 +241,6 @@ class AutoPipeline:
         Replies are raw (no redis-py response callbacks): HGETALL gives a flat list; on a cluster, redis-py's
         callbacks apply (HGETALL gives a dict).
         """
-        if not commands:  # no replies would ever come to complete it
-            return []
         if isinstance(self.client, RedisCluster):
             return await self._execute_cluster(self.client, commands)
         connection = await self._connection(lane)
@@ -330,10 +328,6 @@ def _pack_python(args: tuple[Any, ...]) -> bytes:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
         parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
     return b"".join(parts)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _deliver_replies(batch: list[_Call], results: list[Any] | Exception) -> None:
