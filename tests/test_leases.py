@@ -82,6 +82,32 @@ async def test_a_flusher_that_lost_its_lease_cannot_ack(settings: Settings, tier
         assert await hot.dirty_total() == 0
 
 
+async def test_flush_beside_the_lease_holder_writes_a_backlog_of_many_batches(
+        settings: Settings, tier: tuple[HotTier, PostgresSessionStore], pg: asyncpg.Connection) -> None:
+    """flush() where another flusher holds every lease: its acks are refused, so what it wrote stays dirty, and
+    each claim must reach past it to the rest. It still returns with every session durable, well within its
+    timeout, and writes each one once."""
+    small = dataclasses.replace(settings, partitions=2, flush_batch_size=5, run_flusher=False)
+    hot, store = tier
+    owner = Flusher(HotTier(hot.client, small), store, small)
+    await owner.rebalance()
+    assert owner.held == {0, 1}
+    async with SessionManager(settings=small) as writer:
+        ids = [f"beside-{n}" for n in range(37)]  # several batches in each partition
+        for sid in ids:
+            await writer.ensure(sid, data={"n": sid})
+        assert writer.flusher is not None
+        started = time.monotonic()
+        assert await writer.flush() == 0
+        assert time.monotonic() - started < small.drain_timeout_secs / 2
+        assert writer.flusher.totals.written == len(ids) and writer.flusher.totals.acked == 0
+    assert set(ids) <= set(await pg_rows(pg, small))
+    assert await owner.hot.dirty_total() == len(ids)  # the owner's to clear, a batch a pass
+    while (await owner.flush_once()).full:
+        pass
+    assert await owner.hot.dirty_total() == 0
+
+
 async def test_partitions_spread_evenly_and_follow_joins_and_leaves(settings: Settings, redis: aioredis.Redis,
                                                                     tier: tuple[HotTier, PostgresSessionStore]
                                                                     ) -> None:
