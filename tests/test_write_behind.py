@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
+from tiered_sessions.cold_tier import Refusal
 
 from .helpers import pg_row, pg_rows
 
@@ -119,7 +120,8 @@ async def test_remove_sticks_through_flush_flushall_and_late_writes(settings: Se
         now_ms = int(time.time() * 1000)
         late = orjson.dumps({"i": "doomed", "d": {"secret": 1}, "s": "active", "c": now_ms, "la": now_ms,
                              "ex": now_ms + 3_600_000, "rc": 0, "td": 0, "m": {}, "v": stale_version})
-        await manager.store.upsert_batch([late])
+        refused = await manager.store.upsert_batch([late])
+        assert refused == {"doomed": Refusal(row["version"], False)}  # reported, not durable
         await redis.flushall()
         assert await manager.get("doomed") is None
         again = await manager.ensure("doomed")
@@ -223,9 +225,9 @@ async def test_each_batch_goes_to_postgres_in_session_id_order(settings: Setting
         statements: list[list[str]] = []
         original = manager.store.upsert_batch
 
-        async def recording(rows: list[bytes]) -> None:
+        async def recording(rows: list[bytes]) -> dict[str, Refusal]:
             statements.append([orjson.loads(row)["i"] for row in rows])
-            await original(rows)
+            return await original(rows)
 
         monkeypatch.setattr(manager.store, "upsert_batch", recording)
         assert await manager.flush() == 0

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cold_tier import PostgresSessionStore
 from .config import Settings
 from .errors import ConfigurationError, TieredSessionsError
 from .manager import SessionManager
@@ -101,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("session_ids", nargs="*", metavar="SESSION_ID",
                      help="the dead letters to replay or drop (default: with --all, every one)")
     sub.add_argument("--all", action="store_true", help="replay or drop every dead letter")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = commands.add_parser("journal", help="list or replay writes taken while Redis was unreachable",
+                              description="While Redis is unreachable, managers write through to PostgreSQL and "
+                                          "journal each write; any manager or flusher that finds Redis again "
+                                          "folds the journal back into Redis, once. List what is pending, or "
+                                          "replay it now (waiting for a replay under way elsewhere).")
+    _common(sub)
+    sub.add_argument("action", choices=("list", "replay"), help="what to do")
+    sub.add_argument("--limit", type=int, default=100, help="entries to list, oldest first (default 100)")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = commands.add_parser("demo", help="run a workload, wipe Redis, show every session come back",
@@ -233,6 +244,36 @@ async def _run_dead_letters(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+async def _run_journal(args: argparse.Namespace, console: Console) -> int:
+    settings = _settings(args, run_flusher=False)
+    if args.action == "list":
+        async with PostgresSessionStore(settings=settings) as store:
+            pending = await store.journal_pending()
+            entries = await store.journal_list(args.limit)
+        if args.json:
+            print(json.dumps({"pending": pending, "entries": [
+                {"seq": seq, "session_id": sid, "op": op, "version_after": version, "created_at": created}
+                for seq, sid, op, version, created in entries]}))
+            return 0
+        table = Table(title=f"{pending} journal entr{'y' if pending == 1 else 'ies'} pending")
+        for column in ("seq", "session_id", "operation", "version after", "written at (UTC)"):
+            table.add_column(column)
+        for seq, sid, op, version, created in entries:
+            written = datetime.datetime.fromtimestamp(created, datetime.UTC)
+            table.add_row(str(seq), sid, op, str(version), written.strftime("%Y-%m-%d %H:%M:%S"))
+        console.print(table)
+        return 0
+    async with SessionManager(settings=settings) as manager:  # its start folds back what it can at once
+        assert manager.flusher is not None
+        await manager.flusher.journal.replay(wait=True)
+        left = await manager.flusher.journal.pending()
+    if args.json:
+        print(json.dumps({"pending": left}))
+    else:
+        console.print(f"journal replayed into Redis; {left} entries pending")
+    return 0 if left == 0 else 1
+
+
 def _progress(console: Console, quiet: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, disable=quiet)
@@ -244,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     console = Console(stderr=bool(getattr(args, "json", False)))
     runners = {"migrate": _run_migrate, "flusher": _run_flusher, "stats": _run_stats, "recover": _run_recover,
-               "dead-letters": _run_dead_letters}
+               "dead-letters": _run_dead_letters, "journal": _run_journal}
     try:
         if args.command == "demo":
             from .demo import run_demo  # imports the embedded servers only when needed

@@ -8,10 +8,10 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -96,6 +96,24 @@ class ColdRecord:
         )
 
 
+class Refusal(NamedTuple):
+    """A flushed row Postgres does not hold as sent: its version guard refused it (Postgres holds a newer
+    version, or the same one with other contents), or the row is gone. Not durable."""
+
+    version: int | None  # the version Postgres holds; None: no row at all
+    journaled: bool  # journal entries of the session are pending: the copy lacks writes Postgres has
+
+
+class JournalEntry(NamedTuple):
+    """A write taken while Redis was unreachable (``<table>_journal``), to fold back into Redis."""
+
+    seq: int
+    session_id: str
+    op: str  # touch, merge, remove, create
+    args: dict[str, Any]
+    version_after: int  # the Postgres version after the write
+
+
 class SessionPage(list[Session]):
     """A page of ``list_sessions``: a plain list, plus ``next_cursor`` (None on the last page)."""
 
@@ -132,7 +150,8 @@ class PostgresSessionStore:
         self.sql = {name: load_sql(name, self.settings) for name in (
             "upsert_batch", "activity_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state",
             "save", "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
-            "degraded_remove", "journal_page", "journal_delete", "journal_count", "user_sessions")}
+            "degraded_remove", "refusals", "journal_page", "journal_delete", "journal_count", "journal_list",
+            "user_sessions")}
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -185,18 +204,27 @@ class PostgresSessionStore:
         return self.pool
 
     # -- the flusher's path ------------------------------------------------------------------------------
-    async def upsert_batch(self, rows: Sequence[bytes]) -> None:
-        """Write rows (JSON objects as claim.lua builds them) in one statement; rows whose version Postgres
-        already has (or passed) are skipped."""
-        pool = await self.ready_pool()
-        await pool.execute(self.sql["upsert_batch"], (b"[" + b",".join(rows) + b"]").decode())
+    async def upsert_batch(self, rows: Sequence[bytes]) -> dict[str, Refusal]:
+        """Write rows (JSON objects as claim.lua builds them) in one statement. Returns the rows Postgres
+        does not hold as sent (see ``Refusal``); a row held already at its version with the same contents (a
+        duplicate flush) counts as written."""
+        return await self._write_batch("upsert_batch", rows)
 
-    async def write_activity_batch(self, rows: Sequence[bytes]) -> list[str]:
+    async def write_activity_batch(self, rows: Sequence[bytes]) -> dict[str, Refusal]:
         """Write activity rows (version, times and counters of sessions Postgres holds whole) in one
-        statement, under the same version guard; returns the ids that have no row at all."""
+        statement, under the same version guard. Returns what ``upsert_batch`` returns (a session with no
+        row at all comes with version None)."""
+        return await self._write_batch("activity_batch", rows)
+
+    async def _write_batch(self, statement: str, rows: Sequence[bytes]) -> dict[str, Refusal]:
+        batch = (b"[" + b",".join(rows) + b"]").decode()
         pool = await self.ready_pool()
-        missing = await pool.fetch(self.sql["activity_batch"], (b"[" + b",".join(rows) + b"]").decode())
-        return [row[0] for row in missing]
+        not_written = [row[0] for row in await pool.fetch(self.sql[statement], batch)]
+        if not not_written:
+            return {}
+        # A statement of its own: it sees the rows concurrent flushes committed while the batch waited on them.
+        refused = await pool.fetch(self.sql["refusals"], not_written, batch)
+        return {row[0]: Refusal(None if row[1] is None else int(row[1]), bool(row[2])) for row in refused}
 
     # -- read-through and recovery ------------------------------------------------------------------------
     async def fetch(self, session_id: str) -> ColdRecord | None:
@@ -283,6 +311,42 @@ class PostgresSessionStore:
         page.next_cursor = rows[limit - 1][0] if len(rows) > limit else None
         return page
 
+    # -- the journal (writes taken while Redis was unreachable) --------------------------------------------
+    async def journal_pending(self) -> int:
+        pool = await self.ready_pool()
+        return int(await pool.fetchval(self.sql["journal_count"]))
+
+    async def journal_list(self, limit: int) -> list[tuple[int, str, str, int, float]]:
+        """The oldest entries as (seq, session id, operation, version after, created at): no contents."""
+        pool = await self.ready_pool()
+        return [(row[0], row[1], row[2], row[3], row[4].timestamp())
+                for row in await pool.fetch(self.sql["journal_list"], limit)]
+
+    async def replay_journal(self, apply: Callable[[list[JournalEntry]], Awaitable[None]], *, wait: bool,
+                             page_size: int = 2000) -> int | None:
+        """Hand the journal to ``apply`` a page at a time, oldest first, deleting each page once applied (in
+        the page's transaction: a crash mid-replay leaves the page for the next replayer, which ``apply``
+        must tolerate). One replayer at a time in the whole tier, so a session's entries reach Redis in
+        order: with ``wait`` this waits for the current one, else returns None at once if there is one.
+        Returns how many entries were applied."""
+        total = 0
+        pool = await self.ready_pool()
+        lock = f"tiered_sessions:journal:{self.table}"
+        async with pool.acquire() as connection:
+            while True:
+                async with connection.transaction():
+                    if wait:
+                        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock)
+                    elif not await connection.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", lock):
+                        return None if total == 0 else total
+                    rows = await connection.fetch(self.sql["journal_page"], page_size)
+                    if not rows:
+                        return total
+                    await apply([JournalEntry(seq, sid, op, orjson.loads(args), version)
+                                 for seq, sid, op, args, version in rows])
+                    await connection.execute(self.sql["journal_delete"], [row[0] for row in rows])
+                    total += len(rows)
+
     async def mark_expired(self) -> list[ColdRecord]:
         """Mark the timed-out live rows expired; returns them (as they are now)."""
         pool = await self.ready_pool()
@@ -313,4 +377,4 @@ def _json_object(document: Mapping[str, Any], what: str) -> str:
         raise InvalidSessionData(f"{what}: cannot be stored as JSON: {exc}") from None
 
 
-__all__: Sequence[str] = ("ColdRecord", "PostgresSessionStore", "SessionPage")
+__all__: Sequence[str] = ("ColdRecord", "JournalEntry", "PostgresSessionStore", "Refusal", "SessionPage")

@@ -52,6 +52,14 @@ class DeadLetters:
         log.error("session %s (version %d) dead-lettered: Postgres rejected it: %s", row.session_id,
                   row.version, reason)
 
+    async def record_poison(self, entry: DirtyEntry) -> None:
+        """A key that was not a session hash, quarantined by claim.lua (``entry.row``: the error and where the
+        key went). Listed here with no row: it is inspected and dropped, not replayed."""
+        reason = entry.row.decode(errors="replace")
+        letter = DeadLetter(entry.session_id, 0, reason, time.time(), ())
+        await self.hot.client.hset(self.key(entry.partition), entry.session_id, orjson.dumps(letter.to_dict()))
+        log.error("the key of session %s is not a session hash: %s", entry.session_id, reason)
+
     async def list(self) -> list[DeadLetter]:
         pipe = self.hot.client.pipeline(transaction=False)
         for partition in range(self.hot.partitions):
@@ -71,13 +79,16 @@ class DeadLetters:
         chosen = list(letters) if session_ids is None else [sid for sid in session_ids if sid in letters]
         now_ms = codec.now_ms()
         for sid in chosen:
+            if not letters[sid].row:
+                log.warning("dead letter %s is a quarantined key, not a row: inspect it, then drop it", sid)
+                continue
             if not (await self.hot.redirty([sid], now_ms))[0]:
                 pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))
                 await self.hot.warm(sid, expires_ms, pairs)
                 await self.hot.redirty([sid], now_ms)
             await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
             log.info("dead letter %s replayed: dirty again", sid)
-        return len(chosen)
+        return sum(1 for sid in chosen if letters[sid].row)
 
     async def drop(self, session_ids: Iterable[str] | None = None) -> int:
         """Forget dead letters (the sessions are not written to Postgres). Returns how many."""

@@ -2,9 +2,9 @@
 
 A circuit breaker opens on the first Redis connection error. While it is open, every write goes through to
 Postgres and is journaled in the same statement (``<table>_journal``); reads come from Postgres. A probe pings
-Redis every ``redis_probe_interval_secs``; when it answers, the journal is replayed onto Redis and only then
-does the breaker close. Replay applies an entry only to a copy that does not already include it (the hash
-field ``jv`` holds the newest Postgres version folded in), so:
+Redis every ``redis_probe_interval_secs``; when it answers, the journal is replayed onto Redis (see
+``journal``) and only then does the breaker close. Replay applies an entry only to a copy that does not
+already include it (the hash field ``jv`` holds the newest Postgres version folded in), so:
 
 * Redis back **warm** (its unflushed writes intact): they and the journaled writes both count;
 * Redis back **cold**: Postgres already has every journaled write; nothing is applied twice.
@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import codec, metrics
-from .codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
+from . import metrics
 from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
 from .config import Settings
 from .hot_tier import HotTier
-from .model import CLOSED, REMOVED
+from .journal import Journal
+from .model import CLOSED
 from .redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,11 @@ _PROBE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError, *TRANS
 
 
 class DegradedMode:
-    def __init__(self, hot: HotTier, store: PostgresSessionStore, settings: Settings, stop: asyncio.Event) -> None:
+    def __init__(self, hot: HotTier, store: PostgresSessionStore, journal: Journal, settings: Settings,
+                 stop: asyncio.Event) -> None:
         self.hot = hot
         self.store = store
+        self.journal = journal
         self.settings = settings
         self.stop = stop
         self.active = False
@@ -81,7 +83,7 @@ class DegradedMode:
                 log.debug("Redis still unavailable: %s", exc)
                 continue
             try:
-                replayed = await self.replay()
+                replayed = await self.journal.replay(wait=True) or 0
             except _PROBE_ERRORS as exc:
                 metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
                 log.warning("Redis answers but the journal replay failed (%s); staying in degraded mode, "
@@ -96,7 +98,7 @@ class DegradedMode:
                 with contextlib.suppress(TimeoutError):  # bounded: a Postgres call is bounded by its timeout
                     await asyncio.wait_for(self.idle.wait(), self.settings.socket_timeout_secs * 2)
                 try:
-                    replayed += await self.replay()
+                    replayed += await self.journal.replay(wait=True) or 0
                 except _PROBE_ERRORS as exc:
                     metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
                     log.warning("journal replay failed while switching back (%s); staying in degraded mode", exc)
@@ -118,60 +120,6 @@ class DegradedMode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.resumed.wait(), self.settings.socket_timeout_secs * 4)
         return self.active
-
-    # -- replay -------------------------------------------------------------------------------------------
-    async def replay(self, page_size: int = 2000) -> int:
-        """Apply the journal to Redis in order, then delete what was applied (in one transaction per page,
-        so a crash mid-replay leaves the rest locked-free and the applied part marked in Redis)."""
-        total = 0
-        pool = await self.store.ready_pool()
-        async with pool.acquire() as connection:
-            while True:
-                async with connection.transaction():
-                    # One replayer at a time: entries of one session must reach Redis in version order.
-                    await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                                             f"tiered_sessions:journal:{self.store.table}")
-                    rows = await connection.fetch(self.store.sql["journal_page"], page_size)
-                    if not rows:
-                        return total
-                    # In order within a session; sessions side by side, so the calls share round trips.
-                    by_session: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
-                    for _, session_id, op, args, version in rows:
-                        by_session.setdefault(session_id, []).append((op, orjson.loads(args), version))
-                    await asyncio.gather(*(self._apply_in_order(sid, entries) for sid, entries in by_session.items()))
-                    await connection.execute(self.store.sql["journal_delete"], [row[0] for row in rows])
-                    total += len(rows)
-
-    async def _apply_in_order(self, sid: str, entries: list[tuple[str, dict[str, Any], int]]) -> None:
-        for op, args, version in entries:
-            await self._apply(sid, op, args, version)
-
-    async def _apply(self, sid: str, op: str, args: dict[str, Any], version: int) -> None:
-        if op == "touch":
-            await self.hot.touch(sid, int(args["duration_ms"]), journal_version=version)
-            return
-        now_ms = codec.now_ms()
-        if op == "merge":
-            pairs = [item for pair in split_document(args["data"], DATA_PREFIX)
-                     + split_document(args["metadata"], META_PREFIX) for item in pair]
-            state = STATE_CODES[args["state"]] if args.get("state") else b""
-            reply = await self.hot.update(sid, now_ms, state=state, pairs=pairs,
-                                          attributes=encode_attributes(**args["attributes"]),
-                                          journal_version=version)
-            if isinstance(reply, list) and int(reply[0]) == -2:
-                metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
-                log.error("replay of a merge into %s refused by the size limit; Postgres has it, Redis not", sid)
-        elif op == "remove":
-            await self.hot.remove(sid, now_ms, check_cold=True, min_version=0, journal_version=version)
-        elif op == "create":
-            # A new life made in Postgres: a dead copy in Redis must not hide it (a live one is the session).
-            key = self.hot.keys(sid).session
-            current, expires, folded = await self.hot.client.hmget(key, [STATE, b"ex", FOLDED])
-            dead = current == STATE_CODES[REMOVED] or (expires is not None and int(expires) <= now_ms)
-            if current is not None and dead and int(folded or 0) < version:
-                await self.hot.client.delete(key)
-        else:
-            log.error("unknown journal operation %r for %s: skipped", op, sid)
 
     # -- write-through operations -------------------------------------------------------------------------
     async def load(self, sid: str) -> ColdRecord | None:
@@ -235,5 +183,4 @@ class DegradedMode:
             await pool.fetchval(self.store.sql["degraded_remove"], sid)
 
     async def pending(self) -> int:
-        pool = await self.store.ready_pool()
-        return int(await pool.fetchval(self.store.sql["journal_count"]))
+        return await self.journal.pending()

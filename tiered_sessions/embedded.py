@@ -570,6 +570,18 @@ class _ManagedServer:
             logger.info("%s on port %s killed", self._kind, self._port)
             self._reap()
 
+    def pause(self) -> None:
+        """SIGSTOP the server: unreachable, its data kept (a hung host or a long GC pause)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                os.kill(self._proc.pid, signal.SIGCONT)
+
     def restart(self, timeout: float = 10.0) -> None:
         with self._lock:
             self.stop(timeout)

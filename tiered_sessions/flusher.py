@@ -21,15 +21,17 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from . import codec, metrics
-from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore
+from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore, Refusal
 from .config import Settings
 from .dead_letters import DeadLetters
 from .hot_tier import DirtyEntry, HotTier
+from .journal import Journal
 from .redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,13 @@ class PassResult:
     acked: int = 0     # dirty marks cleared
     dead: int = 0      # rows Postgres rejected, now in the dead-letter store
     full: bool = False  # some partition had more than one batch waiting
+
+
+class NotDurable(NamedTuple):
+    """Claimed ids a pass left dirty, not durable."""
+
+    rewrite: set[str]  # by the next pass, whole
+    after_journal: set[str]  # once the journal replay has folded pending entries into them
 
 
 def _by_partition(entries: list[DirtyEntry], kept: set[str]) -> dict[int, list[tuple[str, int, bool]]]:
@@ -74,6 +83,7 @@ class Flusher:
         self.held: set[int] = set()  # partitions whose lease this flusher holds (as of its last renewal)
         self.totals = PassResult()  # since start, for summaries (the metrics hold the same per process)
         self.dead_letters = DeadLetters(hot)
+        self.journal = Journal(hot, cold)  # whoever wrote it: every pass folds back what it finds
         # Called for every tombstone or expired row written, before the ack (lifecycle events).
         self.on_written: Callable[[DirtyEntry], None] | None = None
 
@@ -157,27 +167,37 @@ class Flusher:
                 raise outcome
 
     async def _write_and_ack(self, claims: dict[int, list[DirtyEntry]], read_ms: int, tokens: dict[int, str],
-                             result: PassResult) -> set[str]:
+                             result: PassResult) -> NotDurable:
         """Write the claimed entries, a batch at a time, acking each batch under ``tokens``. A partition whose
         ack is refused (the lease is not ours: nothing cleared there) is dropped from ``held``. Returns the
-        ids left dirty to be written whole by the next pass (activity rows Postgres could not take)."""
+        ids left dirty, not durable: to write whole by the next pass (rows the version guard refused, rebased
+        past it; activity rows Postgres could not take), or after the journal replay (see ``_rewrite_whole``)."""
         replies: dict[int, int] = {}
-        rewrites: set[str] = set()
+        left = NotDurable(set(), set())
         pending = [entry for entries in claims.values() for entry in entries]
         for start in range(0, len(pending), self.batch_size):
             # In id order: two flushers writing the same rows (an on-demand flush beside the lease holder) then
             # lock them in the same order, and neither can wait on the other in a cycle (a deadlock).
             batch = sorted(pending[start:start + self.batch_size], key=_session_id)
-            # An entry whose hash is gone (FLUSHALL, eviction) has nothing to write: its mark is just dropped.
+            for entry in batch:
+                if entry.kind == "poison":  # claim.lua moved it out of the way; keep it listed, with why
+                    metrics.POISON_KEYS.inc()
+                    await self.dead_letters.record_poison(entry)
+            # An entry whose hash is gone (FLUSHALL, eviction, poison) has nothing to write: its mark is dropped.
             whole = [entry for entry in batch if entry.version and entry.kind != "activity"]
             activity = [entry for entry in batch if entry.kind == "activity"]
-            written = await self._write(whole) if whole else []
-            rewrite = await self._write_activity(activity) if activity else set()
-            rewrites |= rewrite
-            result.written += len(written) + len(activity) - len(rewrite)
-            result.dead += len(whole) - len(written)
-            kept = {entry.session_id for entry in written} | {entry.session_id for entry in activity}
-            acks = _by_partition([entry for entry in batch if entry.session_id not in rewrite], kept - rewrite)
+            handled, refused = await self._write(whole) if whole else ([], {})
+            not_written = dict(refused)
+            if activity:
+                not_written.update(await self._write_activity(activity))
+            if not_written:
+                batch_left = await self._rewrite_whole(not_written)
+                left.rewrite.update(batch_left.rewrite)
+                left.after_journal.update(batch_left.after_journal)
+            result.written += len(handled) + len(activity) - len(not_written)
+            result.dead += len(whole) - len(handled)
+            kept = {entry.session_id for entry in handled} | {entry.session_id for entry in activity}
+            acks = _by_partition([entry for entry in batch if entry.session_id not in not_written], kept)
             for partition, cleared in (await self.hot.ack(acks, read_ms, tokens)).items():
                 replies[partition] = -1 if cleared < 0 or replies.get(partition, 0) < 0 else \
                     replies.get(partition, 0) + cleared
@@ -189,7 +209,23 @@ class Flusher:
                 self.held.discard(partition)
             else:
                 result.acked += cleared
-        return rewrites
+        return left
+
+    async def _rewrite_whole(self, rows: dict[str, Refusal]) -> NotDurable:
+        """Leave ``rows`` dirty for a whole-row write, unacked. Where Postgres's guard refused the copy (it holds
+        a newer version: Redis restored from an older copy, a lagging replica) the copy is rebased above that
+        version, so the writes Redis acknowledged since are not swallowed by the guard. Where journal entries
+        of the session are pending, the copy lacks writes Postgres holds: it waits for the replay, which
+        folds them in (rebasing it now would overwrite them in Postgres)."""
+        after_journal = {sid for sid, refusal in rows.items() if refusal.journaled}
+        ids = sorted(rows)
+        above = [None if sid in after_journal else rows[sid].version for sid in ids]
+        rebased = sum(await self.hot.rebase(ids, codec.now_ms(), above))
+        if rebased:  # not a newer flush of the same copy, which this copy has already passed
+            metrics.FLUSH_REFUSED.inc(rebased)
+            log.warning("PostgreSQL holds newer versions of %d sessions than their Redis copies (Redis restored "
+                        "from an older copy, or a lagging replica): rebased above them and written again", rebased)
+        return NotDurable(set(rows) - after_journal, after_journal)
 
     def _count(self, result: PassResult) -> None:
         self.totals.claimed += result.claimed
@@ -197,43 +233,44 @@ class Flusher:
         self.totals.acked += result.acked
         self.totals.dead += result.dead
 
-    async def _write(self, rows: list[DirtyEntry]) -> list[DirtyEntry]:
+    async def _write(self, rows: list[DirtyEntry]) -> tuple[list[DirtyEntry], dict[str, Refusal]]:
         """Upsert ``rows`` in one statement. If Postgres rejects a row (a data or constraint error), split
-        the batch until the bad rows are alone, dead-letter them, and write the rest. Returns what was written;
-        every row passed in is handled (written or dead-lettered) when this returns."""
+        the batch until the bad rows are alone, dead-letter them, and write the rest. Returns the rows not
+        dead-lettered, and of those the ones the version guard refused (with the version Postgres holds);
+        every row passed in is handled when this returns."""
         try:
-            await self.cold.upsert_batch([row.row for row in rows])
+            refused = await self.cold.upsert_batch([row.row for row in rows])
         except ROW_ERRORS as exc:
             if len(rows) == 1:
                 await self.dead_letters.record(rows[0], f"{type(exc).__name__}: {exc}")
-                return []
+                return [], {}
             middle = len(rows) // 2
-            return await self._write(rows[:middle]) + await self._write(rows[middle:])
+            first, first_refused = await self._write(rows[:middle])
+            second, second_refused = await self._write(rows[middle:])
+            return first + second, first_refused | second_refused
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
-        for kind, count in collections.Counter(row.kind for row in rows).items():
+        for kind, count in collections.Counter(row.kind for row in rows if row.session_id not in refused).items():
             metrics.FLUSHED_ROWS.labels(kind).inc(count)
         if self.on_written is not None:
             for row in rows:
-                if row.kind in ("tombstone", "expired"):
+                if row.kind in ("tombstone", "expired") and row.session_id not in refused:
                     self.on_written(row)
-        return rows
+        return rows, refused
 
-    async def _write_activity(self, rows: list[DirtyEntry]) -> set[str]:
-        """Write activity rows in one statement. Returns the ids to write whole instead (left dirty, without
-        the mark that makes activity rows): those with no row in Postgres, or all of them if Postgres refused
-        the batch, so that the whole-row path isolates and dead-letters a bad row."""
+    async def _write_activity(self, rows: list[DirtyEntry]) -> dict[str, Refusal]:
+        """Write activity rows in one statement. Returns the rows not written, to write whole instead: with
+        the version the guard refused them for, or None where Postgres has no row (or refused the batch, so
+        that the whole-row path isolates and dead-letters a bad row)."""
         try:
-            rewrite = set(await self.cold.write_activity_batch([row.row for row in rows]))
+            missing = await self.cold.write_activity_batch([row.row for row in rows])
         except ROW_ERRORS as exc:
             log.warning("PostgreSQL refused %d activity rows (%s: %s): writing them as whole rows", len(rows),
                         type(exc).__name__, exc)
             metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
-            rewrite = {row.session_id for row in rows}
-        if rewrite:
-            await self.hot.redirty(sorted(rewrite), codec.now_ms())
+            missing = dict.fromkeys((row.session_id for row in rows), Refusal(None, False))
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
-        metrics.FLUSHED_ROWS.labels("activity").inc(len(rows) - len(rewrite))
-        return rewrite
+        metrics.FLUSHED_ROWS.labels("activity").inc(len(rows) - len(missing))
+        return missing
 
     async def update_gauges(self) -> tuple[int, float]:
         """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
@@ -276,6 +313,7 @@ class Flusher:
                 async for attempt in self._retrying(stop, None):
                     with attempt:
                         await self.rebalance()
+                        await self.journal.replay_pending()
                         result = await self.flush_once()
                         await self.update_gauges()
             except RETRYABLE:
@@ -310,34 +348,43 @@ class Flusher:
         holds the lease or nobody does. Where another flusher holds
         the lease the ack is refused, but the rows are in Postgres: durable. They are not written again unless
         their version moves; the owner clears their marks.
-        Returns how many sessions are still dirty and not made durable by this call: they stay in Redis for
-        the next flusher."""
+        Journal entries (writes taken while Redis was unreachable) are folded into Redis first, so the copies
+        written include them. Returns how many sessions are still dirty and not made durable by this call
+        (they stay in Redis for the next flusher), plus the journal entries still pending (another replayer
+        holds them): 0 means everything acknowledged before the call is in Postgres."""
         deadline = time.monotonic() + timeout
         up_to = codec.now_ms() if only_dirty_before_now else None
+        journaled = 0  # journal entries still pending: the copies they belong to lack them
         done: dict[str, int] = {}  # session id -> version this call wrote (0: a mark with no hash)
+        deferred: dict[str, int] = {}  # session id -> version refused until the journal replay folds entries in
         extra = dict.fromkeys(self.partitions, 0)  # per partition: entries already done, to claim beyond them
         durable_dirty = 0
         while time.monotonic() < deadline:
             async for attempt in self._retrying(None, deadline):
                 with attempt:
-                    result, durable_dirty, complete = await self._drain_pass(up_to, done, extra, deadline)
+                    journaled = await self.journal.replay_pending()
+                    result, durable_dirty, complete = await self._drain_pass(up_to, done, deferred, extra, deadline)
             if progress is not None:
                 progress(result)
             if complete:
                 break
         dirty, _ = await self.update_gauges()
-        return max(0, dirty - durable_dirty)
+        if journaled:  # folded in by now (by another replayer), or still pending: only the count can tell
+            journaled = await self.journal.pending()
+        return max(0, dirty - durable_dirty) + journaled
 
-    async def _drain_pass(self, up_to: int | None, done: dict[str, int], extra: dict[int, int], deadline: float
-                          ) -> tuple[PassResult, int, bool]:
-        """One on-demand pass over every partition. Returns the result, how many claimed entries were already
-        durable (written by this drain at their current version), and whether the pass saw every dirty entry
-        and all of them were durable (nothing new to write)."""
+    async def _drain_pass(self, up_to: int | None, done: dict[str, int], deferred: dict[str, int],
+                          extra: dict[int, int], deadline: float) -> tuple[PassResult, int, bool]:
+        """One on-demand pass over every partition. ``done``: the versions this drain made durable; ``deferred``:
+        the versions that wait for the journal replay (not durable, not retried until their version moves).
+        Returns the result, how many claimed entries were already durable (written by this drain at their
+        current version), and whether the pass saw every dirty entry and had nothing new to write."""
         started = time.perf_counter()
         await self.renew()
         result = PassResult()
         saw_all = True
         wrote = False
+        durable = dict.fromkeys(self.partitions, 0)
         token = "?" + self.flusher_id  # ours or nobody's (our loop may take one)
 
         async def one_group(group: list[int]) -> None:
@@ -350,15 +397,19 @@ class Flusher:
                     read_ms = codec.now_ms()
                     limit = self.batch_size + extra[partition]
                     entries = await self.hot.claim(partition, limit, up_to or read_ms, read_ms)
-                    new = [e for e in entries if done.get(e.session_id) != e.version]
+                    new = [e for e in entries
+                           if done.get(e.session_id) != e.version and deferred.get(e.session_id) != e.version]
                     extra[partition] = len(entries) - len(new)  # claim beyond these next time
+                    durable[partition] = sum(done.get(e.session_id) == e.version for e in entries)
                     full = len(entries) >= limit
                     if not new:
                         continue
                     result.claimed += len(new)
-                    rewrites = await self._write_and_ack({partition: new}, read_ms, {partition: token}, result)
+                    left = await self._write_and_ack({partition: new}, read_ms, {partition: token}, result)
                     for entry in new:
-                        if entry.session_id not in rewrites:
+                        if entry.session_id in left.after_journal:
+                            deferred[entry.session_id] = entry.version
+                        elif entry.session_id not in left.rewrite:
                             done[entry.session_id] = entry.version
                     wrote = True
                 saw_all = saw_all and not full
@@ -368,7 +419,7 @@ class Flusher:
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
-        return result, sum(extra[p] for p in self.partitions), saw_all and not wrote
+        return result, sum(durable.values()), saw_all and not wrote
 
 
 def _session_id(entry: DirtyEntry) -> str:

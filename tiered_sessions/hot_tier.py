@@ -23,6 +23,7 @@ from redis.asyncio import RedisCluster
 from . import codec, scripts
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
+from .errors import ConfigurationError
 from .pipelining import AutoPipeline
 from .redis_client import RedisClient
 
@@ -44,11 +45,15 @@ class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen data
     partition: int
     session_id: str
     version: int
-    kind: str  # upsert, activity, tombstone, expired (the flushed-rows metric's label) or gone
+    kind: str  # upsert, activity, tombstone, expired (the flushed-rows metric's label), gone or poison
     row: bytes
 
 
-_KINDS = {b"u": "upsert", b"a": "activity", b"t": "tombstone", b"e": "expired", b"": "gone"}  # claim.lua's
+# claim.lua's kinds; "poison": a key that is not a session hash, quarantined (its row: the reason)
+# The Redis key layout this code reads and writes (``{prefix}:{pN}:s:<id>`` and the partition keys beside it);
+# recorded in ``{prefix}:layout`` with the partition count, checked by every process at start.
+LAYOUT_VERSION = 1
+_KINDS = {b"u": "upsert", b"a": "activity", b"t": "tombstone", b"e": "expired", b"": "gone", b"p": "poison"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,6 +95,10 @@ class HotTier:
     def session_key_prefix(self, partition: int) -> str:
         return self.partition_prefix(partition) + "s:"
 
+    def quarantine_key_prefix(self, partition: int) -> str:
+        """Where claim.lua moves a key that is not a session hash (``{prefix}:{pN}:quarantine:<id>``)."""
+        return self.partition_prefix(partition) + "quarantine:"
+
     def dirty_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "dirty"
 
@@ -98,6 +107,26 @@ class HotTier:
 
     def lease_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "lease"
+
+    @property
+    def layout_key(self) -> str:
+        return f"{self.prefix}:layout"
+
+    async def check_layout(self) -> None:
+        """Record this tier's layout in Redis if it is the first process, else check it is the one recorded
+        (layout.lua); ConfigurationError naming both values when not."""
+        key = self.layout_key
+        recorded = await self.pipeline.evalsha(scripts.LAYOUT, [key], [LAYOUT_VERSION, self.partitions])
+        version, partitions = (int(value) for value in recorded)
+        if version != LAYOUT_VERSION:
+            raise ConfigurationError(
+                f"the tier under key prefix {self.prefix!r} has Redis layout version {version} (key "
+                f"{key}), this process writes version {LAYOUT_VERSION}")
+        if partitions != self.partitions:
+            raise ConfigurationError(
+                f"the tier under key prefix {self.prefix!r} was laid out with {partitions} partitions (key "
+                f"{key}), this process is configured with {self.partitions}: set "
+                f"TIERED_SESSIONS_PARTITIONS={partitions} (--partitions {partitions}) in every process")
 
     @property
     def flushers_key(self) -> str:
@@ -172,6 +201,9 @@ class HotTier:
         reply: list[bytes | None] = await self.pipeline.command("HMGET", self.keys(session_id).session, *fields)
         return reply
 
+    async def delete(self, session_id: str) -> None:
+        await self.pipeline.command("DEL", self.keys(session_id).session)
+
     async def rotate(self, old_id: str, new_id: str, now_ms: int) -> int | dict[bytes, bytes]:
         old, new = self.keys(old_id), self.keys(new_id)
         assert old.dirty == new.dirty, "rotate needs both ids in one partition"
@@ -230,7 +262,8 @@ class HotTier:
         """The oldest dirty entries of a partition (dirty at or before ``max_score_ms``), at most ``limit``. A
         row whose expiry is at or before ``now_ms`` comes as expired."""
         reply = await self.pipeline.evalsha(scripts.CLAIM, [self.dirty_key(partition)],
-                                            [self.session_key_prefix(partition), limit, max_score_ms, now_ms])
+                                            [self.session_key_prefix(partition), limit, max_score_ms, now_ms,
+                                             self.quarantine_key_prefix(partition)])
         return [DirtyEntry(partition, reply[i].decode(), int(reply[i + 1] or 0), _KINDS[reply[i + 2] or b""],
                            reply[i + 3] or b"")
                 for i in range(0, len(reply), 4)]
@@ -255,11 +288,21 @@ class HotTier:
     async def redirty(self, session_ids: Sequence[str], now_ms: int) -> list[bool]:
         """Mark these sessions dirty, to be written whole by the next pass (redirty.lua), in one round trip;
         False where Redis does not hold the session."""
+        return [reply != 0 for reply in await self._redirty(session_ids, now_ms, [None] * len(session_ids))]
+
+    async def rebase(self, session_ids: Sequence[str], now_ms: int, above: Sequence[int | None]) -> list[bool]:
+        """As ``redirty``, each copy first moved to the version after ``above`` (the version Postgres holds,
+        where its guard refused the copy's) unless it is past it already. True where a copy was moved."""
+        return [reply != 0 and int(reply[1]) == 1 for reply in await self._redirty(session_ids, now_ms, above)]
+
+    async def _redirty(self, session_ids: Sequence[str], now_ms: int, above: Sequence[int | None]) -> list[Any]:
         calls = []
-        for session_id in session_ids:
+        for session_id, version in zip(session_ids, above, strict=True):
             keys = self.keys(session_id)
-            calls.append((scripts.REDIRTY, [keys.session, keys.dirty], [now_ms, session_id]))
-        return [bool(marked) for marked in await self.pipeline.run_scripts(calls)]
+            args: list[str | int] = [now_ms, session_id] if version is None else [now_ms, session_id, version]
+            calls.append((scripts.REDIRTY, [keys.session, keys.dirty], args))
+        replies: list[Any] = await self.pipeline.run_scripts(calls)
+        return replies
 
     # -- flusher leases -----------------------------------------------------------------------------------
     async def take_leases(self, partitions: Sequence[int], token: str, lease_ms: int) -> list[bool]:

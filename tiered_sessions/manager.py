@@ -40,6 +40,7 @@ from .errors import (
 from .events import EventHub, Listener
 from .flusher import RETRYABLE, Flusher
 from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, DirtyEntry, HotTier
+from .journal import Journal
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, REMOVED, Session
 from .redis_client import CLUSTER_ERRORS, REDIS_ERRORS, RedisClient, is_unreachable, make_client
@@ -198,6 +199,12 @@ class SessionManager:
                 raise RedisUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: "
                                        f"{redact_message(str(exc), settings.redis_url)}") from None
             hot = HotTier(client, settings)
+            try:
+                await hot.check_layout()
+            except BaseException:
+                await hot.pipeline.aclose()
+                await client.aclose()
+                raise
             if settings.enable_persistence:
                 store = PostgresSessionStore(settings=settings)
                 try:
@@ -209,7 +216,8 @@ class SessionManager:
                 self.flusher = Flusher(hot, store, settings)
                 self.flusher.on_written = self._row_written
                 if settings.degraded_mode:
-                    self.degraded = DegradedMode(hot, store, settings, self._stop)
+                    self.degraded = DegradedMode(hot, store, self.flusher.journal, settings, self._stop)
+                await self._fold_journal(self.flusher.journal)
                 if settings.run_flusher:
                     self.flusher_task = asyncio.create_task(self.flusher.run(self._stop), name="ts-flusher")
                     self._tasks.append(self.flusher_task)
@@ -218,6 +226,16 @@ class SessionManager:
                 self._tasks.append(asyncio.create_task(self._backlog_loop(hot), name="ts-backlog"))
             self._redis = client
             self._hot = hot
+
+    async def _fold_journal(self, journal: Journal) -> None:
+        """At start, fold back what a process left in the journal (whoever wrote it); a failure here is left
+        to the flushers' passes, which fold it too."""
+        try:
+            await journal.replay(wait=False)
+        except RETRYABLE as exc:
+            metrics.BACKEND_ERRORS.labels("postgres", "replay").inc()
+            log.warning("could not fold the journal back into Redis at start (%s); the flushers retry it",
+                        redact_message(str(exc), self.settings.database_url))
 
     async def close(self) -> None:
         """Stop background work, drain what this manager's flusher owns (within ``drain_timeout_secs``),

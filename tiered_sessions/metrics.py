@@ -36,6 +36,14 @@ FLUSHED_ROWS = Counter("tiered_sessions_flushed_rows_total",
                        ["kind"])
 FLUSH_ERRORS = Counter("tiered_sessions_flush_errors_total",
                        "Failed flush attempts, by error kind (the exception's class name).", ["kind"])
+FLUSH_REFUSED = Counter("tiered_sessions_flush_refused_total",
+                        "Rows Postgres's version guard refused because it held a newer version (a Redis copy "
+                        "behind Postgres, or journaled writes not replayed yet): rebased and written again.")
+POISON_KEYS = Counter("tiered_sessions_poison_keys_total",
+                      "Keys found where a session hash belongs that are not one (another type): moved to "
+                      "quarantine and listed with the dead letters, so their partition keeps flushing.")
+JOURNAL_REPLAYED = Counter("tiered_sessions_journal_replayed_total",
+                           "Journal entries (writes taken while Redis was unreachable) folded back into Redis.")
 FLUSH_RETRIES = Counter("tiered_sessions_flush_retries_total", "Flush attempts retried after a backoff.")
 FLUSH_BATCH_ROWS = Histogram("tiered_sessions_flush_batch_rows",
                              "Rows per write statement (whole rows or activity rows).",
@@ -77,7 +85,10 @@ LIVE_SESSIONS = Gauge("tiered_sessions_live_sessions",
 DEAD_LETTERS_STORED = Gauge("tiered_sessions_dead_letters_stored",
                             "Dead letters waiting in the store (tiered-sessions dead-letters list). Global reading "
                             "of Redis: aggregate with max().")
-GLOBAL_GAUGES = (FLUSH_LAG, DIRTY_SESSIONS, LIVE_SESSIONS, DEAD_LETTERS_STORED)
+JOURNAL_PENDING = Gauge("tiered_sessions_journal_pending",
+                        "Journal entries (writes taken while Redis was unreachable) not yet folded back into Redis. "
+                        "Global reading of Postgres: aggregate with max().")
+GLOBAL_GAUGES = (FLUSH_LAG, DIRTY_SESSIONS, LIVE_SESSIONS, DEAD_LETTERS_STORED, JOURNAL_PENDING)
 
 
 def set_mode(mode: str) -> None:

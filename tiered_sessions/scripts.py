@@ -48,7 +48,8 @@ LEASE = LuaScript("lease")
 LEASE_RELEASE = LuaScript("lease_release")
 DIRTY_OF_USER = LuaScript("dirty_of_user")
 LIVE_COUNT = LuaScript("live_count", uses=("live_counts",))
+LAYOUT = LuaScript("layout")
 
 
 ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
-       LIVE_COUNT)
+       LIVE_COUNT, LAYOUT)

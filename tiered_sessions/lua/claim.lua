@@ -3,11 +3,15 @@
 -- batch is these rows joined into one JSON array (see upsert_batch.sql and activity_batch.sql for the keys).
 -- KEYS: dirty index
 -- ARGV: session key prefix (same hash tag as the dirty index), limit, max_score (dirty since at most this),
---       now_ms (a live session whose expiry has passed is written as 'expired')
+--       now_ms (a live session whose expiry has passed is written as 'expired'), quarantine key prefix (same
+--       hash tag)
 -- Returns {id, version, kind, row} per entry, flat. kind: 'u' upsert, 't' tombstone, 'e' expired, 'a'
 -- activity: only version, times and counters, for a live session whose data, attributes and state Postgres
 -- holds already ('k' = '1': set by the ack of a full write, removed by every write other than a touch). An
--- id whose hash is gone comes with version false (nothing to write: the caller just clears its mark).
+-- id whose hash is gone comes with version false (nothing to write: the caller just clears its mark). A key
+-- that is not a session hash (another type planted or left there) would fail every claim of the partition:
+-- it is renamed to the quarantine prefix, leaves the dirty index, and comes back as kind 'p' with the error
+-- and the new key name as its row.
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
 local now = tonumber(ARGV[4])
 local encode = cjson.encode
@@ -70,8 +74,7 @@ end
 local probing, misses, skipped = true, 0, 0
 local out = {}
 local n = 0
-for _, id in ipairs(ids) do
-  local key = ARGV[1] .. id
+local function entry(id, key)
   local version, kind, row = false, false, false
   if probing or skipped >= 15 then
     skipped = 0
@@ -86,6 +89,20 @@ for _, id in ipairs(ids) do
     skipped = skipped + 1
   end
   if not version then version, kind, row = full_row(id, key) end
+  return version, kind, row
+end
+
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. id
+  local ok, version, kind, row = pcall(entry, id, key)
+  if not ok then
+    local message = type(version) == 'table' and version.err or tostring(version)
+    if not string.find(message, 'WRONGTYPE', 1, true) then error(version) end
+    local moved = ARGV[5] .. id
+    redis.call('RENAME', key, moved)
+    redis.call('ZREM', KEYS[1], id)
+    version, kind, row = false, 'p', message .. ' (moved to ' .. moved .. ')'
+  end
   out[n + 1], out[n + 2], out[n + 3], out[n + 4] = id, version, kind, row
   n = n + 4
 end

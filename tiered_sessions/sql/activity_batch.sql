@@ -1,7 +1,7 @@
 -- The flusher's statement for sessions whose data, attributes and state Postgres already holds (claim.lua's
 -- activity rows: i id, v version, la/ex times in ms, rc/td counters): only the columns a touch changes, so
 -- Redis skips reading the whole hash and Postgres skips parsing jsonb. The version guard is the upsert's.
--- Returns the ids that have no row at all (purged meanwhile): the flusher writes those as full rows instead.
+-- Returns the ids of the rows not written, for refusals.sql (as upsert_batch.sql).
 WITH r AS (
     SELECT * FROM json_to_recordset($1::json) AS r(i text, v int8, la int8, ex int8, rc int8, td int8)
 ), updated AS (
@@ -15,5 +15,6 @@ WITH r AS (
         version = r.v
     FROM r
     WHERE s.session_id = r.i AND s.version < r.v
+    RETURNING s.session_id
 )
-SELECT r.i FROM r WHERE NOT EXISTS (SELECT 1 FROM ${table} AS s WHERE s.session_id = r.i)
+SELECT r.i FROM r WHERE r.i NOT IN (SELECT session_id FROM updated)

@@ -1,0 +1,189 @@
+"""The mutation check: each promise the tier makes, broken on purpose in a scratch copy of the project, must
+turn the tests that guard it red. A mutant the tests survive is a promise nobody checks.
+
+    scripts/mutants                 every mutant (minutes: each runs its tests against real servers)
+    scripts/mutants --sample 3      three at random (a quick look)
+    scripts/mutants --only NAME...  the named ones
+    scripts/mutants --list          names and promises
+
+Each mutant replaces one exact piece of Lua, SQL or Python (it must occur exactly once, so a mutant that no
+longer applies fails loudly instead of passing), then runs only the test files that guard that promise. The
+unmutated copy must pass those tests first, or the run stops: a red baseline kills every mutant for nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mutant:
+    name: str
+    promise: str  # what breaks
+    path: str  # relative to the project root
+    old: str  # exact text, once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest selections that must fail
+
+
+MUTANTS = (
+    Mutant("upsert-no-version-guard", "a late or duplicate flush cannot regress a row",
+           "tiered_sessions/sql/upsert_batch.sql", "    WHERE s.version < excluded.version\n",
+           "    WHERE true\n", ("tests/test_write_behind.py",)),
+    Mutant("activity-no-version-guard", "a late activity row cannot regress or revive a row",
+           "tiered_sessions/sql/activity_batch.sql", "WHERE s.session_id = r.i AND s.version < r.v",
+           "WHERE s.session_id = r.i", ("tests/test_activity_rows.py", "tests/test_seams.py")),
+    Mutant("refusals-unreported", "a row the version guard refused is not counted durable",
+           "tiered_sessions/sql/refusals.sql", "WHERE r.i = ANY($1::text[])", "WHERE false AND r.i = ANY($1::text[])",
+           ("tests/test_seams.py",)),
+    Mutant("no-rebase", "a Redis copy behind Postgres is rebased, not swallowed by the guard",
+           "tiered_sessions/lua/redirty.lua", "if above and version <= above then", "if false then",
+           ("tests/test_seams.py::test_redis_restored_from_an_older_backup_loses_no_later_write",)),
+    Mutant("rebase-over-pending-journal", "journaled writes stay in Postgres until the replay folds them in",
+           "tiered_sessions/flusher.py",
+           "after_journal = {sid for sid, refusal in rows.items() if refusal.journaled}",
+           "after_journal: set[str] = set()", ("tests/test_seams.py",)),
+    Mutant("ack-ignores-version", "the ack clears a dirty mark only at the version written",
+           "tiered_sessions/lua/ack.lua", "elseif current[1] == ARGV[i + 1] then", "elseif true then",
+           ("tests/test_write_behind.py", "tests/test_concurrency.py")),
+    Mutant("journal-applied-twice", "a journal entry is folded into a copy once",
+           "tiered_sessions/lua/touch.lua",
+           "if tonumber(redis.call('HGET', session, 'jv') or '0') >= tonumber(journal) then return -3 end",
+           "if tonumber(redis.call('HGET', session, 'jv') or '0') > tonumber(journal) then return -3 end",
+           ("tests/test_degraded.py",)),
+    Mutant("no-journal-fold-at-start", "a manager folds back a journal another process left",
+           "tiered_sessions/manager.py", "                await self._fold_journal(self.flusher.journal)\n",
+           "", ("tests/test_seams.py::test_journal_of_a_manager_closed_while_degraded_is_replayed_by_the_next",)),
+    Mutant("no-journal-fold-in-flush", "flush() folds the journal in before it writes",
+           "tiered_sessions/flusher.py", "                    journaled = await self.journal.replay_pending()\n",
+           "                    journaled = await self.journal.pending()\n", ("tests/test_seams.py",)),
+    Mutant("flush-ignores-journal", "flush() does not report success while journal entries are pending",
+           "tiered_sessions/flusher.py", "return max(0, dirty - durable_dirty) + journaled",
+           "return max(0, dirty - durable_dirty)", ("tests/test_seams.py",)),
+    Mutant("poison-not-isolated", "a key of the wrong type does not wedge its partition",
+           "tiered_sessions/lua/claim.lua", "local ok, version, kind, row = pcall(entry, id, key)",
+           "local ok, version, kind, row = true, entry(id, key)",
+           ("tests/test_seams.py::test_a_key_of_the_wrong_type_is_quarantined_and_wedges_nothing",)),
+    Mutant("layout-unchecked", "a process laid out otherwise refuses to start",
+           "tiered_sessions/hot_tier.py", "        if partitions != self.partitions:\n",
+           "        if False:\n",
+           ("tests/test_seams.py::test_a_process_with_another_partition_count_refuses_to_start",)),
+    Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
+           "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
+           "if state_and_expiry[1] ~= 'a' then return -1 end", ("tests/test_manager_api.py", "tests/test_seams.py")),
+    Mutant("touch-on-closed", "update_activity on a closed session returns False",
+           "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
+           "if state_and_expiry[1] == 'x' or old_expiry <= now then return -1 end",
+           ("tests/test_manager_api.py", "tests/test_seams.py")),
+    Mutant("oversize-update-applied", "an update past the size limit changes nothing",
+           "tiered_sessions/lua/update.lua", "if size > tonumber(ARGV[3]) then return {-2, size} end",
+           "if false then return {-2, size} end", ("tests/test_input_and_limits.py",)),
+    Mutant("backlog-releases-early", "writers held by backpressure wait for the low watermark",
+           "tiered_sessions/manager.py", "elif self.backlog <= low and not self._backlog_ok.is_set():",
+           "elif self.backlog < high and not self._backlog_ok.is_set():",
+           ("tests/test_faults.py", "tests/test_seams.py")),
+    Mutant("close-keeps-leases", "close() releases its leases so another flusher takes over at once",
+           "tiered_sessions/manager.py",
+           "                await self.flusher.release()  # the other flushers take our partitions now",
+           "                pass  # the other flushers take our partitions now",
+           ("tests/test_leases.py", "tests/test_seams.py")),
+)
+
+
+def _copy_project(into: Path) -> Path:
+    scratch = into / "project"
+    shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
+                                                                     ".mypy_cache", ".ruff_cache", ".pytest_cache"))
+    return scratch
+
+
+def _pytest(project: Path, selections: Sequence[str], timeout: float) -> tuple[int, str]:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               *selections]
+    try:
+        done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    tail = (done.stdout.strip().splitlines() or [""])[-1]
+    return done.returncode, tail
+
+
+def _imports_the_copy(project: Path) -> bool:
+    found = subprocess.run([sys.executable, "-c", "import tiered_sessions; print(tiered_sessions.__file__)"],
+                           cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+    return Path(found).resolve().is_relative_to(project.resolve())
+
+
+def apply(mutant: Mutant, project: Path) -> None:
+    path = project / mutant.path
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.name}: the text to replace occurs {count} times in {mutant.path}; "
+                         "update the mutant to the code")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/mutants", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=int, help="run this many mutants, chosen at random")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per test run (default 600)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name:30} {mutant.promise}")
+        return 0
+    chosen = list(MUTANTS)
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"no such mutant: {', '.join(sorted(unknown))}")
+        chosen = [m for m in MUTANTS if m.name in args.only]
+    if args.sample:
+        chosen = random.sample(chosen, min(args.sample, len(chosen)))
+    with tempfile.TemporaryDirectory(prefix="tiered-sessions-mutants-") as tmp:
+        project = _copy_project(Path(tmp))
+        if not _imports_the_copy(project):
+            raise SystemExit("the scratch copy does not import its own tiered_sessions; run from the venv")
+        selections = sorted({test for mutant in chosen for test in mutant.tests})
+        code, tail = _pytest(project, selections, args.timeout * 2)
+        if code != 0:
+            print(f"baseline is red ({tail}): fix the tests before judging mutants", file=sys.stderr)
+            return 2
+        survived = []
+        for mutant in chosen:
+            pristine = {mutant.path: (project / mutant.path).read_text()}
+            apply(mutant, project)
+            started = time.monotonic()
+            try:
+                code, tail = _pytest(project, mutant.tests, args.timeout)
+            finally:
+                for path, text in pristine.items():
+                    (project / path).write_text(text)
+            killed = code != 0
+            if not killed:
+                survived.append(mutant)
+            print(f"{'killed  ' if killed else 'SURVIVED'} {mutant.name:30} {time.monotonic() - started:6.1f}s  "
+                  f"{tail}", flush=True)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed")
+    for mutant in survived:
+        print(f"  survived: {mutant.name}: nothing checks that {mutant.promise}")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The seams between modes, on real servers: a journal left behind by a manager that closed while Redis was
+unreachable, a Redis copy older than Postgres (restored from a backup), and a flush racing a journal replay.
+Each ends with Postgres holding every acknowledged write and ``flush()`` telling the truth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from tiered_sessions import ConfigurationError, RedisUnavailable, SessionManager, Settings
+from tiered_sessions.embedded import RedisServer
+
+from .helpers import pg_row
+from .test_cli import _cli, _env
+
+
+def _own(settings: Settings, server: RedisServer, **more: Any) -> Settings:
+    fields: dict[str, Any] = {f: getattr(settings, f) for f in ("database_url", "schema", "key_prefix")}
+    return Settings(**{**fields, "redis_url": server.url, "flush_interval_secs": 0.05,
+                       "max_concurrent_sessions": None, "socket_timeout_secs": 1, "drain_timeout_secs": 5,
+                       "redis_probe_interval_secs": 0.2, **more})
+
+
+@pytest.fixture
+def paused_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    with server:
+        try:
+            yield server
+        finally:
+            server.resume()  # never leave a stopped process behind a failed test
+
+
+@pytest.fixture
+def snapshot_redis() -> Iterator[RedisServer]:
+    """A Redis whose data survives restarts only through RDB files we save and put back (a backup)."""
+    with RedisServer() as server:
+        yield server
+
+
+async def test_journal_of_a_manager_closed_while_degraded_is_replayed_by_the_next(
+        settings: Settings, paused_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    own = _own(settings, paused_redis)
+    sid = "journal-left-behind"
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid)
+        for _ in range(5):
+            assert await first.update_activity(sid) is True
+        assert await first.flush() == 0
+    acknowledged = 5
+
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    paused_redis.pause()  # unreachable, data kept: the next call trips the breaker
+    with pytest.raises(RedisUnavailable):
+        await degraded.get(sid)  # a read: whether or not it ran, it changed nothing
+    for _ in range(3):
+        assert await degraded.update_activity(sid) is True  # written through to Postgres, journaled
+    acknowledged += 3
+    await degraded.close()  # closes while Redis is still frozen: its journal is left behind
+    listed = await asyncio.to_thread(_cli, "journal", "list", "--json", env=_env(own))  # Postgres alone answers
+    assert listed.returncode == 0, listed.stderr
+    shown = json.loads(listed.stdout)
+    assert shown["pending"] == 3 and [entry["op"] for entry in shown["entries"]] == ["touch"] * 3
+    assert all(entry["session_id"] == sid for entry in shown["entries"])
+    paused_redis.resume()
+
+    async with SessionManager(settings=own) as second:
+        for _ in range(5):
+            assert await second.update_activity(sid) is True
+        acknowledged += 5
+        assert await second.flush() == 0
+        row = await pg_row(pg, own, sid)
+        assert row is not None and row["request_count"] == acknowledged
+        session = await second.get(sid)
+        assert session is not None and session.request_count == acknowledged
+        pending = await pg.fetchval(f"SELECT count(*) FROM {own.qualified_journal}")
+        assert pending == 0
+
+
+async def test_flush_refused_by_a_newer_postgres_row_keeps_the_journaled_writes(
+        settings: Settings, paused_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    """The exact interleaving: Redis's copy is flushed while journal entries it lacks are still pending (another
+    replayer holds the journal), so Postgres is ahead and refuses it. Nothing is lost, and flush() says so."""
+    own = _own(settings, paused_redis)
+    sid = "refused-then-folded"
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid, data={"base": 1})
+        assert await first.flush() == 0
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    paused_redis.pause()
+    with pytest.raises(RedisUnavailable):
+        await degraded.get(sid)
+    for _ in range(3):
+        assert await degraded.update_activity(sid) is True
+    await degraded.update(sid, data={"journaled": True})
+    await degraded.close()
+    paused_redis.resume()
+
+    lock = f"tiered_sessions:journal:{own.qualified_table}"
+    holder = await asyncpg.connect(own.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)  # another replayer is busy
+        async with SessionManager(settings=own, run_flusher=False) as second:
+            assert await second.update_activity(sid) is True  # Redis copy: version below Postgres's
+            await second.update(sid, data={"after": 1})
+            left = await second.flush()
+            assert left > 0, "flush() reported durable while journaled writes were not in Redis's copy"
+            await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+            assert await second.flush() == 0  # folds the journal in, then writes the copy that has it all
+            row = await pg_row(pg, own, sid)
+            assert row is not None
+            assert row["request_count"] == 3 + 1
+            assert orjson_loads(row["session_data"]) == {"base": 1, "journaled": True, "after": 1}
+            session = await second.get(sid)
+            assert session is not None and session.request_count == 4
+            assert session.version == row["version"]
+    finally:
+        await holder.close()
+
+
+def orjson_loads(value: object) -> object:
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+async def test_journaled_writes_stay_durable_while_a_refused_copy_waits_for_the_replay(
+        settings: Settings, paused_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    """A copy refused because it lacks pending journal entries is not rebased over them: written through and
+    acknowledged, they stay in Postgres even if Redis is lost before the replay."""
+    own = _own(settings, paused_redis)
+    sid = "refused-then-lost"
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid, data={"base": 1})
+        assert await first.flush() == 0
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    paused_redis.pause()
+    with pytest.raises(RedisUnavailable):
+        await degraded.get(sid)
+    for _ in range(3):
+        assert await degraded.update_activity(sid) is True
+    await degraded.update(sid, data={"journaled": True})
+    await degraded.close()
+    paused_redis.resume()
+    lock = f"tiered_sessions:journal:{own.qualified_table}"
+    holder = await asyncpg.connect(own.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+        async with SessionManager(settings=own, run_flusher=False, drain_timeout_secs=1) as second:
+            assert await second.update_activity(sid) is True
+            assert await second.flush() > 0
+        client = aioredis.Redis.from_url(paused_redis.url)
+        try:
+            await client.flushall()  # Redis lost (no persistence) before anyone replayed the journal
+        finally:
+            await client.aclose()
+        await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+    finally:
+        await holder.close()
+    row = await pg_row(pg, own, sid)
+    assert row is not None and row["request_count"] >= 3  # what was acknowledged as written through
+    assert orjson_loads(row["session_data"]) == {"base": 1, "journaled": True}
+    async with SessionManager(settings=own) as third:
+        session = await third.get(sid)
+        assert session is not None and session.data == {"base": 1, "journaled": True}
+        assert session.request_count >= 3
+
+
+async def test_journal_replay_from_the_command_line(settings: Settings, paused_redis: RedisServer) -> None:
+    own = _own(settings, paused_redis)
+    sid = "replayed-by-hand"
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid)
+        assert await first.flush() == 0
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    paused_redis.pause()
+    with pytest.raises(RedisUnavailable):
+        await degraded.get(sid)
+    assert await degraded.update_activity(sid) is True
+    await degraded.close()
+    paused_redis.resume()
+    replayed = await asyncio.to_thread(_cli, "journal", "replay", "--json", env=_env(own))
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout) == {"pending": 0}
+    client = aioredis.Redis.from_url(paused_redis.url)
+    try:
+        keys = await client.keys(f"{own.key_prefix}:*:s:{sid}")
+        assert len(keys) == 1 and await client.hget(keys[0], "rc") == b"1"  # folded into Redis's copy
+    finally:
+        await client.aclose()
+
+
+async def test_redis_restored_from_an_older_backup_loses_no_later_write(
+        settings: Settings, snapshot_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    """Redis comes back older than Postgres (a backup, an AOF missing its last second, a lagging replica):
+    every write acknowledged after that reaches Postgres, the refused flushes are not counted durable, and the
+    tiers converge."""
+    own = _own(settings, snapshot_redis)
+    ids = [f"restored-{i}" for i in range(6)]
+    async with SessionManager(settings=own, run_flusher=False) as before:  # no leases in the backup
+        for sid in ids:
+            await before.ensure(sid, data={"k0": 0})
+            for _ in range(2):
+                await before.update_activity(sid)
+        assert await before.flush() == 0
+        client = aioredis.Redis.from_url(snapshot_redis.url)
+        try:
+            await client.save()
+        finally:
+            await client.aclose()
+        backup = snapshot_redis.data_dir.parent / "backup.rdb"
+        shutil.copy(snapshot_redis.data_dir / "dump.rdb", backup)
+        for sid in ids:  # durable in Postgres, then lost from Redis by the restore below
+            for _ in range(4):
+                await before.update_activity(sid)
+            await before.update(sid, data={"lost": 1})
+        assert await before.flush() == 0
+    snapshot_redis.kill()
+    shutil.copy(backup, snapshot_redis.data_dir / "dump.rdb")
+    snapshot_redis.start()
+
+    refused_before = _refused_total()
+    async with SessionManager(settings=own, run_flusher=False) as after:  # flushes happen where the test says
+        for sid in ids:  # fewer writes than Redis lost: the copy's version stays at or below Postgres's
+            await after.update(sid, data={"after": 1})
+            assert await after.update_activity(sid) is True
+        assert await after.flush() == 0
+        for sid in ids:  # touches only: the next flushes send activity rows, which must carry the data too
+            for _ in range(6):
+                assert await after.update_activity(sid) is True
+        assert await after.flush() == 0
+        for sid in ids:
+            row = await pg_row(pg, own, sid)
+            session = await after.get(sid)
+            assert row is not None and session is not None
+            assert orjson_loads(row["session_data"]) == {"k0": 0, "after": 1}, sid
+            assert row["request_count"] == 2 + 1 + 6, sid  # the backup's, then every write after the restore
+            assert session.request_count == row["request_count"] and session.version == row["version"]
+            assert session.data == {"k0": 0, "after": 1}
+    assert _refused_total() > refused_before  # the refusals were seen and counted, not taken as durable
+
+
+def _refused_total() -> float:
+    return REGISTRY.get_sample_value("tiered_sessions_flush_refused_total") or 0.0
+
+
+
+async def test_a_key_of_the_wrong_type_is_quarantined_and_wedges_nothing(
+        settings: Settings, redis: aioredis.Redis, pg: asyncpg.Connection) -> None:
+    poisoned_before = REGISTRY.get_sample_value("tiered_sessions_poison_keys_total") or 0.0
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        hot = (await manager.dead_letters()).hot
+        poison = "poison-1"
+        keys = hot.keys(poison)
+        neighbours = [sid for sid in (f"n-{i}" for i in range(400)) if hot.keys(sid).dirty == keys.dirty][:3]
+        others = ["elsewhere-a", "elsewhere-b"]
+        for sid in [*neighbours, *others]:
+            await manager.ensure(sid, data={"ok": True})
+        await redis.set(keys.session, "not a session")  # planted where a session hash belongs
+        await redis.zadd(keys.dirty, {poison: 1})  # the oldest entry of its partition
+        assert await manager.flush() == 0
+        for sid in [*neighbours, *others]:
+            row = await pg_row(pg, settings, sid)
+            assert row is not None and orjson_loads(row["session_data"]) == {"ok": True}, sid
+        assert await redis.zscore(keys.dirty, poison) is None
+        assert await redis.exists(keys.session) == 0
+        moved = [key if isinstance(key, bytes) else key.encode()
+                 for key in await redis.keys(f"{settings.key_prefix}:*quarantine*")]
+        assert len(moved) == 1 and await redis.get(moved[0]) == b"not a session"  # kept for inspection
+        letters = await (await manager.dead_letters()).list()
+        assert [letter.session_id for letter in letters] == [poison]
+        assert "WRONGTYPE" in letters[0].reason and moved[0].decode() in letters[0].reason
+        assert await pg_row(pg, settings, poison) is None
+    assert (REGISTRY.get_sample_value("tiered_sessions_poison_keys_total") or 0.0) == poisoned_before + 1
+
+
+async def test_a_process_with_another_partition_count_refuses_to_start(settings: Settings) -> None:
+    async with SessionManager(settings=settings, partitions=16) as first:
+        await first.ensure("laid-out")
+        mismatched = SessionManager(settings=settings, partitions=8)
+        with pytest.raises(ConfigurationError) as refused:
+            await mismatched.start()
+        assert "16" in str(refused.value) and "8" in str(refused.value) and "partitions" in str(refused.value)
+        await mismatched.close()
+        flusher = await asyncio.to_thread(_cli, "flusher", "--partitions", "8", env=_env(settings), timeout=60)
+        assert flusher.returncode == 2 and "ConfigurationError" in flusher.stdout + flusher.stderr
+        assert "16" in flusher.stdout + flusher.stderr
+        async with SessionManager(settings=settings, partitions=16) as same:  # the same layout starts
+            assert await same.get("laid-out") is not None
