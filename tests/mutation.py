@@ -76,9 +76,26 @@ MUTANTS = (
            "local ok, version, kind, row = true, entry(id, key)",
            ("tests/test_seams.py::test_a_key_of_the_wrong_type_is_quarantined_and_wedges_nothing",)),
     Mutant("layout-unchecked", "a process laid out otherwise refuses to start",
-           "tiered_sessions/hot_tier.py", "        if partitions != self.partitions:\n",
-           "        if False:\n",
+           "tiered_sessions/layout.py", "            if theirs is not None and theirs != ours[name]:\n",
+           "            if False:\n",
            ("tests/test_seams.py::test_a_process_with_another_partition_count_refuses_to_start",)),
+    Mutant("layout-only-in-redis", "a layout check survives a cold Redis (Postgres keeps the record)",
+           "tiered_sessions/manager.py",
+           "                layout.check(await store.record_layout(layout.record()), "
+           "f\"table {self.settings.qualified_layout}\")\n",
+           "                pass\n",
+           ("tests/test_seams.py::test_a_process_with_another_partition_count_refuses_to_start",)),
+    Mutant("no-start-without-postgres", "a flusher or manager starts while Postgres is down",
+           "tiered_sessions/manager.py", "                except PostgresUnavailable as exc:\n",
+           "                except ZeroDivisionError as exc:\n",
+           ("tests/test_seams.py::test_a_flusher_starts_while_postgres_is_down_and_flushes_soon_after_it_returns",)),
+    Mutant("long-backoff", "flushing resumes within a few seconds of an outage's end",
+           "tiered_sessions/flusher.py", "MAX_BACKOFF_SECS = 2.0", "MAX_BACKOFF_SECS = 30.0",
+           ("tests/test_seams.py::test_a_flusher_starts_while_postgres_is_down_and_flushes_soon_after_it_returns",)),
+    Mutant("metrics-raise-while-degraded", "get_session_metrics() answers in degraded mode",
+           "tiered_sessions/manager.py",
+           "if self.degraded is not None and self.degraded.active and self.store is not None:", "if False:",
+           ("tests/test_seams.py::test_metrics_answer_from_postgres_while_degraded",)),
     Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
            "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
            "if state_and_expiry[1] ~= 'a' then return -1 end", ("tests/test_manager_api.py", "tests/test_seams.py")),
@@ -115,8 +132,9 @@ def _pytest(project: Path, selections: Sequence[str], timeout: float) -> tuple[i
         done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return -1, "timed out"
-    tail = (done.stdout.strip().splitlines() or [""])[-1]
-    return done.returncode, tail
+    lines = done.stdout.strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return done.returncode, "; ".join([*failed, *lines[-1:]])
 
 
 def _imports_the_copy(project: Path) -> bool:

@@ -31,9 +31,9 @@ async def test_invalid_session_ids_are_refused(manager: SessionManager, redis: a
     for call in calls:
         with pytest.raises(InvalidSessionId):
             await call
-    # nothing but the flusher's own bookkeeping (its partition leases and heartbeat)
+    # nothing but the bookkeeping: the flusher's partition leases and heartbeat, the recorded layout
     keys = cast(list[bytes], await redis.keys())  # the client does not decode
-    assert [key for key in keys if not key.endswith((b":lease", b":flushers"))] == []
+    assert [key for key in keys if not key.endswith((b":lease", b":flushers", b":layout"))] == []
 
 
 @pytest.mark.parametrize("bad", [

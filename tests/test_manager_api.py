@@ -49,9 +49,9 @@ async def test_update_activity_on_missing_session_does_nothing(manager: SessionM
                                                                redis: aioredis.Redis) -> None:
     assert await manager.update_activity("nobody-here", request_duration_ms=1) is False
     assert await manager.get("nobody-here") is None
-    # nothing but the flusher's own bookkeeping (its partition leases and heartbeat)
+    # nothing but the bookkeeping: the flusher's partition leases and heartbeat, the recorded layout
     keys = cast(list[bytes], await redis.keys())  # the client does not decode
-    assert [key for key in keys if not key.endswith((b":lease", b":flushers"))] == []
+    assert [key for key in keys if not key.endswith((b":lease", b":flushers", b":layout"))] == []
 
 
 async def test_update_merges_top_level_keys(manager: SessionManager) -> None:

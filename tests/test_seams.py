@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from tiered_sessions import ConfigurationError, RedisUnavailable, SessionManager, Settings
-from tiered_sessions.embedded import RedisServer
+from tiered_sessions.embedded import PostgresServer, RedisServer
+from tiered_sessions.migrate import migrate
 
+from . import ops_helpers as ops
 from .helpers import pg_row
 from .test_cli import _cli, _env
 
@@ -285,16 +287,81 @@ async def test_a_key_of_the_wrong_type_is_quarantined_and_wedges_nothing(
     assert (REGISTRY.get_sample_value("tiered_sessions_poison_keys_total") or 0.0) == poisoned_before + 1
 
 
-async def test_a_process_with_another_partition_count_refuses_to_start(settings: Settings) -> None:
+async def test_a_process_with_another_partition_count_refuses_to_start(settings: Settings, redis: aioredis.Redis,
+                                                                       ) -> None:
     async with SessionManager(settings=settings, partitions=16) as first:
         await first.ensure("laid-out")
         mismatched = SessionManager(settings=settings, partitions=8)
         with pytest.raises(ConfigurationError) as refused:
             await mismatched.start()
-        assert "16" in str(refused.value) and "8" in str(refused.value) and "partitions" in str(refused.value)
+        assert "partitions 16" in str(refused.value) and "configured with 8" in str(refused.value)
         await mismatched.close()
         flusher = await asyncio.to_thread(_cli, "flusher", "--partitions", "8", env=_env(settings), timeout=60)
         assert flusher.returncode == 2 and "ConfigurationError" in flusher.stdout + flusher.stderr
-        assert "16" in flusher.stdout + flusher.stderr
+        assert "partitions 16" in flusher.stdout + flusher.stderr
+        # Redis lost its record (a cold restart): the table's record still refuses the stray layout.
+        await redis.delete(f"{settings.key_prefix}:layout")
+        with pytest.raises(ConfigurationError, match="partitions 16"):
+            await SessionManager(settings=settings, partitions=8).start()
+        # Another key prefix on the same table: two tiers would write one table with unrelated versions.
+        with pytest.raises(ConfigurationError, match="key_prefix") as other_prefix:
+            await SessionManager(settings=settings, key_prefix="elsewhere").start()
+        assert settings.key_prefix in str(other_prefix.value) and "elsewhere" in str(other_prefix.value)
         async with SessionManager(settings=settings, partitions=16) as same:  # the same layout starts
             assert await same.get("laid-out") is not None
+
+
+async def test_a_flusher_starts_while_postgres_is_down_and_flushes_soon_after_it_returns(
+        redis_url: str, own_postgres: PostgresServer) -> None:
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix="pg-down-at-start",
+                        max_concurrent_sessions=None, socket_timeout_secs=2, flush_interval_secs=0.05)
+    await migrate(settings)
+    own_postgres.stop()
+    async with ops.flusher(settings) as process:  # a deploy or a crash-restart during the outage
+        assert (await process.get("/healthz"))[0] == 200
+        status, body = await ops.get_json(process.port, "/readyz")
+        assert status == 503 and body["postgres"].startswith("error") and body["redis"] == "ok"
+        samples, _ = await process.samples()
+        assert ("tiered_sessions_flush_lag_seconds", ()) in samples
+        async with SessionManager(settings=settings, run_flusher=False) as writer:  # starts too
+            ids = [(await writer.ensure(data={"n": n})).session_id for n in range(5)]
+            for sid in ids:
+                assert await writer.update_activity(sid) is True
+        await asyncio.sleep(3)  # long enough for the flusher's backoff to grow
+        own_postgres.start()
+        back = asyncio.get_running_loop().time()
+
+        async def flushed() -> bool:
+            connection = await asyncpg.connect(own_postgres.url)
+            try:
+                count = await connection.fetchval("SELECT count(*) FROM public.sessions WHERE session_id = ANY($1)",
+                                                  ids)
+            finally:
+                await connection.close()
+            return bool(count == len(ids))
+
+        await ops.wait_for(flushed, "the sessions written during the outage to reach PostgreSQL", timeout=15)
+        assert asyncio.get_running_loop().time() - back < 6  # within a few seconds, not after a long backoff
+        status, body = await ops.get_json(process.port, "/readyz")
+        assert status == 200, body
+        assert sum("PostgreSQL is back" in line for line in process.log) == 1, "".join(process.log)
+
+
+async def test_metrics_answer_from_postgres_while_degraded(settings: Settings, paused_redis: RedisServer) -> None:
+    own = _own(settings, paused_redis)
+    manager = SessionManager(settings=own, drain_timeout_secs=1)
+    try:
+        await manager.ensure("counted-in-postgres")
+        assert await manager.flush() == 0
+        normal = await manager.get_session_metrics()
+        assert normal["mode"] == "normal" and normal["total_sessions"] == 1 and normal["dirty_sessions"] == 0
+        paused_redis.pause()
+        with pytest.raises(RedisUnavailable):
+            await manager.get("counted-in-postgres")  # trips the breaker
+        degraded = await asyncio.wait_for(manager.get_session_metrics(), 5)
+        assert degraded["mode"] == "degraded" and degraded["total_sessions"] == 1
+        assert degraded["dirty_sessions"] is None and degraded["flush_lag_seconds"] is None  # unknown, not 0
+        assert set(degraded) == set(normal)
+    finally:
+        paused_redis.resume()
+        await manager.close()

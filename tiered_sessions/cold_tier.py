@@ -37,6 +37,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.QueryCanceledError,  # statement_timeout on a busy server
 )
+# The server does not answer (yet): a start during an outage waits for it. Anything else it said (TLS refused,
+# authentication, no such database) is a configuration to fix.
+DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionRefusedError,
+    ConnectionResetError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
 # Connecting can also fail on the server's word (bad database, auth): report it as unreachable too.
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
 
@@ -53,7 +63,7 @@ def load_sql(name: str, settings: Settings) -> str:
     package = resources.files(__package__).joinpath("sql")
     columns = package.joinpath("select_columns.sql").read_text().split("\n", 1)[1].strip()
     return render_sql(package.joinpath(f"{name}.sql").read_text(), table=settings.qualified_table,
-                      journal=settings.qualified_journal, columns=columns)
+                      journal=settings.qualified_journal, layout=settings.qualified_layout, columns=columns)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,7 +161,7 @@ class PostgresSessionStore:
             "upsert_batch", "activity_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state",
             "save", "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
             "degraded_remove", "refusals", "journal_page", "journal_delete", "journal_count", "journal_list",
-            "user_sessions")}
+            "user_sessions", "layout")}
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -173,12 +183,16 @@ class PostgresSessionStore:
                     statement_cache_size=cache_size, command_timeout=self.settings.socket_timeout_secs,
                     timeout=self.settings.socket_timeout_secs,
                 )
-                async with pool.acquire() as connection:
-                    exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", self.table)
+                try:
+                    async with pool.acquire() as connection:
+                        exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", self.table)
+                except BaseException:
+                    await pool.close()
+                    raise
             except CONNECT_ERRORS as exc:
                 raise PostgresUnavailable(
                     f"cannot reach PostgreSQL at {redact_url(self.url)}: {type(exc).__name__}: "
-                    f"{redact_message(str(exc), self.url)}"
+                    f"{redact_message(str(exc), self.url)}", down=isinstance(exc, DOWN_ERRORS)
                 ) from None
             if not exists:
                 await pool.close()
@@ -310,6 +324,16 @@ class PostgresSessionStore:
         page = SessionPage(ColdRecord(*row).to_session() for row in rows[:limit])
         page.next_cursor = rows[limit - 1][0] if len(rows) > limit else None
         return page
+
+    async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:
+        """Record ``layout`` unless a process did (layout.sql); returns the layout as recorded."""
+        pool = await self.ready_pool()
+        try:
+            rows = await pool.fetch(self.sql["layout"], layout["layout"], layout["partitions"], layout["key_prefix"])
+        except asyncpg.UndefinedTableError:
+            raise MigrationError(f"table {self.settings.qualified_layout} does not exist at {redact_url(self.url)}: "
+                                 "run `tiered-sessions migrate`") from None
+        return {row[0]: row[1] for row in rows}
 
     # -- the journal (writes taken while Redis was unreachable) --------------------------------------------
     async def journal_pending(self) -> int:

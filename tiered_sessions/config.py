@@ -139,6 +139,10 @@ class Settings:
     def qualified_journal(self) -> str:
         return f'"{self.schema}"."{self.table}_journal"'
 
+    @property
+    def qualified_layout(self) -> str:
+        return f'"{self.schema}"."{self.table}_layout"'
+
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
     try:

@@ -47,7 +47,13 @@ class RedisUnavailable(BackendUnavailable):
 
 
 class PostgresUnavailable(BackendUnavailable):
-    """PostgreSQL cannot be reached."""
+    """PostgreSQL cannot be reached. ``down``: it does not answer (refused, timed out, starting or shutting
+    down), which passes; False when it answered and refused us (TLS, authentication, no such database), which
+    needs a fix."""
+
+    def __init__(self, message: str, *, down: bool = True) -> None:
+        super().__init__(message)
+        self.down = down
 
 
 class MigrationError(TieredSessionsError, RuntimeError):

@@ -30,6 +30,7 @@ from . import codec, metrics
 from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore, Refusal
 from .config import Settings
 from .dead_letters import DeadLetters
+from .errors import PostgresUnavailable
 from .hot_tier import DirtyEntry, HotTier
 from .journal import Journal
 from .redis_client import REDIS_ERRORS
@@ -40,7 +41,10 @@ log = logging.getLogger(__name__)
 ROW_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # Anything else (servers down, a dropped table, missing rights) is retried with backoff until fixed:
 # the sessions stay dirty in Redis meanwhile, and the flusher never dies of it.
-RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, asyncpg.PostgresError, *TRANSIENT_ERRORS)
+_POSTGRES_ERRORS: tuple[type[BaseException], ...] = (PostgresUnavailable, asyncpg.PostgresError, *TRANSIENT_ERRORS)
+RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, *_POSTGRES_ERRORS)
+# The longest pause between attempts: flushing resumes within about this long after a server is back.
+MAX_BACKOFF_SECS = 2.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,6 +88,7 @@ class Flusher:
         self.totals = PassResult()  # since start, for summaries (the metrics hold the same per process)
         self.dead_letters = DeadLetters(hot)
         self.journal = Journal(hot, cold)  # whoever wrote it: every pass folds back what it finds
+        self.outage = _Outage()
         # Called for every tombstone or expired row written, before the ack (lifecycle events).
         self.on_written: Callable[[DirtyEntry], None] | None = None
 
@@ -292,7 +297,7 @@ class Flusher:
             # While Postgres is down the lag grows: keep the gauges moving so the alerts can fire.
             with contextlib.suppress(*RETRYABLE):
                 await self.update_gauges()
-            # Interruptible backoff: close() must not wait out a 30 s sleep.
+            # Interruptible backoff: close() must not wait out a sleep.
             if stop is None:
                 await asyncio.sleep(seconds)
                 return
@@ -302,8 +307,8 @@ class Flusher:
                 return
 
         return AsyncRetrying(retry=retry_if_exception_type(RETRYABLE), stop=should_stop,
-                             wait=wait_exponential(multiplier=0.1, max=30.0) + wait_random(0, 0.25), sleep=sleep,
-                             before_sleep=_log_retry, reraise=True)
+                             wait=wait_exponential(multiplier=0.1, max=MAX_BACKOFF_SECS) + wait_random(0, 0.25),
+                             sleep=sleep, before_sleep=self.outage.failed, reraise=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set. Failures are retried with backoff; nothing dirty is ever dropped."""
@@ -316,6 +321,7 @@ class Flusher:
                         await self.journal.replay_pending()
                         result = await self.flush_once()
                         await self.update_gauges()
+                self.outage.ended()
             except RETRYABLE:
                 if stop.is_set():
                     return
@@ -364,6 +370,7 @@ class Flusher:
                 with attempt:
                     journaled = await self.journal.replay_pending()
                     result, durable_dirty, complete = await self._drain_pass(up_to, done, deferred, extra, deadline)
+            self.outage.ended()
             if progress is not None:
                 progress(result)
             if complete:
@@ -426,12 +433,36 @@ def _session_id(entry: DirtyEntry) -> str:
     return entry.session_id
 
 
-def _log_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    kind = type(error).__name__ if error else "unknown"
-    metrics.FLUSH_ERRORS.labels(kind).inc()
-    metrics.FLUSH_RETRIES.inc()
-    backend = "postgres" if isinstance(error, (*TRANSIENT_ERRORS, asyncpg.PostgresError)) else "redis"
-    delay = state.next_action.sleep if state.next_action else 0.0
-    log.warning("flush failed (%s: %s), attempt %d, retrying in %.2fs; dirty sessions stay in Redis",
-                backend, error, state.attempt_number, delay)
+class _Outage:
+    """A streak of failed flush attempts: logged when it starts, every tenth attempt, and once when it ends
+    (metrics count every attempt)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.attempts = 0
+        self.backend = ""
+
+    def failed(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        kind = type(error).__name__ if error else "unknown"
+        metrics.FLUSH_ERRORS.labels(kind).inc()
+        metrics.FLUSH_RETRIES.inc()
+        backend = "PostgreSQL" if isinstance(error, _POSTGRES_ERRORS) else "Redis"
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.attempts += 1
+        if self.since is None:
+            self.since, self.backend = time.monotonic(), backend
+            log.warning("flush failed (%s: %s), retrying in %.2fs, then at least every %.0fs; dirty sessions "
+                        "stay in Redis", backend, error, delay, MAX_BACKOFF_SECS)
+        elif self.attempts % 10 == 0:
+            log.warning("flush still failing after %d attempts over %.0fs (%s: %s)", self.attempts,
+                        time.monotonic() - self.since, backend, error)
+        else:
+            log.debug("flush failed again (%s: %s), attempt %d", backend, error, self.attempts)
+
+    def ended(self) -> None:
+        if self.since is None:
+            return
+        log.warning("%s is back: flushing resumed after %.1fs and %d failed attempts", self.backend,
+                    time.monotonic() - self.since, self.attempts)
+        self.since, self.attempts = None, 0

@@ -23,7 +23,6 @@ from redis.asyncio import RedisCluster
 from . import codec, scripts
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
-from .errors import ConfigurationError
 from .pipelining import AutoPipeline
 from .redis_client import RedisClient
 
@@ -50,9 +49,6 @@ class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen data
 
 
 # claim.lua's kinds; "poison": a key that is not a session hash, quarantined (its row: the reason)
-# The Redis key layout this code reads and writes (``{prefix}:{pN}:s:<id>`` and the partition keys beside it);
-# recorded in ``{prefix}:layout`` with the partition count, checked by every process at start.
-LAYOUT_VERSION = 1
 _KINDS = {b"u": "upsert", b"a": "activity", b"t": "tombstone", b"e": "expired", b"": "gone", b"p": "poison"}
 
 
@@ -112,21 +108,11 @@ class HotTier:
     def layout_key(self) -> str:
         return f"{self.prefix}:layout"
 
-    async def check_layout(self) -> None:
-        """Record this tier's layout in Redis if it is the first process, else check it is the one recorded
-        (layout.lua); ConfigurationError naming both values when not."""
-        key = self.layout_key
-        recorded = await self.pipeline.evalsha(scripts.LAYOUT, [key], [LAYOUT_VERSION, self.partitions])
-        version, partitions = (int(value) for value in recorded)
-        if version != LAYOUT_VERSION:
-            raise ConfigurationError(
-                f"the tier under key prefix {self.prefix!r} has Redis layout version {version} (key "
-                f"{key}), this process writes version {LAYOUT_VERSION}")
-        if partitions != self.partitions:
-            raise ConfigurationError(
-                f"the tier under key prefix {self.prefix!r} was laid out with {partitions} partitions (key "
-                f"{key}), this process is configured with {self.partitions}: set "
-                f"TIERED_SESSIONS_PARTITIONS={partitions} (--partitions {partitions}) in every process")
+    async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:
+        """Record ``layout`` unless a process did (layout.lua); returns the layout as recorded."""
+        flat = [item for pair in layout.items() for item in pair]
+        reply = await self.pipeline.evalsha(scripts.LAYOUT, [self.layout_key], flat)
+        return {reply[i].decode(): reply[i + 1].decode() for i in range(0, len(reply), 2)}
 
     @property
     def flushers_key(self) -> str:

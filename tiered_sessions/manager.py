@@ -41,6 +41,7 @@ from .events import EventHub, Listener
 from .flusher import RETRYABLE, Flusher
 from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, DirtyEntry, HotTier
 from .journal import Journal
+from .layout import Layout
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, REMOVED, Session
 from .redis_client import CLUSTER_ERRORS, REDIS_ERRORS, RedisClient, is_unreachable, make_client
@@ -199,19 +200,17 @@ class SessionManager:
                 raise RedisUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: "
                                        f"{redact_message(str(exc), settings.redis_url)}") from None
             hot = HotTier(client, settings)
+            store: PostgresSessionStore | None = None
             try:
-                await hot.check_layout()
+                store = PostgresSessionStore(settings=settings) if settings.enable_persistence else None
+                await self._open_tiers(hot, store)
             except BaseException:
+                if store is not None:
+                    await store.close()
                 await hot.pipeline.aclose()
                 await client.aclose()
                 raise
-            if settings.enable_persistence:
-                store = PostgresSessionStore(settings=settings)
-                try:
-                    await store.connect()
-                except BaseException:
-                    await client.aclose()
-                    raise
+            if store is not None:
                 self.store = store
                 self.flusher = Flusher(hot, store, settings)
                 self.flusher.on_written = self._row_written
@@ -226,6 +225,25 @@ class SessionManager:
                 self._tasks.append(asyncio.create_task(self._backlog_loop(hot), name="ts-backlog"))
             self._redis = client
             self._hot = hot
+
+    async def _open_tiers(self, hot: HotTier, store: PostgresSessionStore | None) -> None:
+        """Connect Postgres, and record this process's layout where none is, else check it against the recorded
+        one: Postgres's first (it outlives a cold Redis; a start during a Postgres outage goes on without it,
+        the flusher connects later), then Redis's, so a refused layout is recorded nowhere."""
+        layout = Layout(self.settings.partitions, self.settings.key_prefix)
+        if store is not None:
+            try:
+                await store.connect()
+            except PostgresUnavailable as exc:
+                if not exc.down:
+                    raise
+                # Start anyway (a deploy or a restart during an outage): writes land in Redis, the flusher
+                # connects when Postgres answers, and /readyz says why it is not ready meanwhile.
+                metrics.BACKEND_ERRORS.labels("postgres", "connect").inc()
+                log.warning("starting without PostgreSQL: %s; writes wait in Redis until it answers", exc)
+            else:
+                layout.check(await store.record_layout(layout.record()), f"table {self.settings.qualified_layout}")
+        layout.check(await hot.record_layout(layout.record()), f"Redis key {hot.layout_key}")
 
     async def _fold_journal(self, journal: Journal) -> None:
         """At start, fold back what a process left in the journal (whoever wrote it); a failure here is left
@@ -650,8 +668,11 @@ class SessionManager:
 
     @_backend_errors("get_session_metrics")
     async def get_session_metrics(self) -> dict[str, Any]:
-        """The seed's metrics (over live sessions in Redis) plus the write-behind backlog and lag."""
+        """The seed's metrics (over live sessions in Redis) plus the write-behind backlog and lag. In degraded
+        mode they come from Postgres (live rows; ages, backlog and lag unknown: None) with ``mode`` saying so."""
         hot = await self._ready()
+        if self.degraded is not None and self.degraded.active and self.store is not None:
+            return self._metrics_from(await self.store.count_live(), None, None, mode="degraded")
         now_ms = codec.now_ms()
         stats = await hot.stats(now_ms)
         ages: list[float] = []
@@ -662,20 +683,31 @@ class SessionManager:
             ages.append((now_ms - int(created)) / 1000)
             active += state == codec.STATE_CODES[ACTIVE]
         oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
-        return {
-            "total_sessions": len(ages),
+        metrics_now = self._metrics_from(len(ages), sum(s.dirty for s in stats),
+                                         max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0, mode="normal")
+        metrics_now.update({
             "active_sessions": active,
             "oldest_session_age": max(ages, default=0.0),
             "newest_session_age": min(ages, default=0.0),
             "avg_session_age": sum(ages) / len(ages) if ages else 0.0,
+        })
+        return metrics_now
+
+    def _metrics_from(self, live: int, dirty: int | None, lag: float | None, *, mode: str) -> dict[str, Any]:
+        return {
+            "total_sessions": live,
+            "active_sessions": live,
+            "oldest_session_age": None,
+            "newest_session_age": None,
+            "avg_session_age": None,
             "persistence_enabled": self._persist,
-            "dirty_sessions": sum(s.dirty for s in stats),
-            "flush_lag_seconds": max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0,
+            "dirty_sessions": dirty,
+            "flush_lag_seconds": lag,
             "max_concurrent_sessions": self.settings.max_concurrent_sessions,
             "session_timeout_secs": self.settings.session_timeout_secs,
             "partitions": self.settings.partitions,
             "backpressure": not self._backlog_ok.is_set(),
-            "mode": "degraded" if self.degraded is not None and self.degraded.active else "normal",
+            "mode": mode,
             "flusher_running": bool(self.settings.run_flusher and self.flusher is not None and not self._closed),
         }
 

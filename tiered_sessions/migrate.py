@@ -39,6 +39,7 @@ def render(sql: str, settings: Settings) -> str:
     return render_sql(
         sql, schema=f'"{settings.schema}"', schema_name=settings.schema,
         table=settings.qualified_table, table_name=settings.table, journal=settings.qualified_journal,
+        layout=settings.qualified_layout,
     )
 
 

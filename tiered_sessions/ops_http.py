@@ -98,7 +98,7 @@ class OpsServer:
             checks["postgres"] = "not used"
         else:
             try:
-                async with asyncio.timeout(self.check_timeout), store.pool.acquire() as connection:
+                async with asyncio.timeout(self.check_timeout), (await store.ready_pool()).acquire() as connection:
                     await connection.fetchval("SELECT 1")
             except Exception as exc:  # noqa: BLE001
                 ready = False

@@ -1,9 +1,7 @@
--- layout: record the tier's key layout the first time a process starts on this Redis, and return it as
--- recorded, so a process laid out otherwise (another partition count) refuses to start instead of writing
--- where no flusher looks.
+-- layout: record the tier's layout the first time a process starts on this Redis, and return it as recorded,
+-- so that a process laid out otherwise refuses to start (see layout.py).
 -- KEYS: the layout key ('<prefix>:layout', a hash)
--- ARGV: layout version, partitions
--- Returns {layout version, partitions} as recorded (this call's when it was the first)
-redis.call('HSETNX', KEYS[1], 'layout', ARGV[1])
-redis.call('HSETNX', KEYS[1], 'partitions', ARGV[2])
-return redis.call('HMGET', KEYS[1], 'layout', 'partitions')
+-- ARGV: name/value pairs of this process's layout
+-- Returns the recorded layout as name/value pairs (this call's where none was recorded)
+for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return redis.call('HGETALL', KEYS[1])
