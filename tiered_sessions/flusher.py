@@ -20,7 +20,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
 import asyncpg
@@ -155,11 +155,32 @@ class Flusher:
                 if entries:
                     await self._write_and_ack({partition: entries}, read_ms, tokens, result)
 
-        await self._in_groups(sorted(self.held), one_group)
+        async with self._renewing():
+            await self._in_groups(sorted(self.held), one_group)
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
         return result
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self) -> AsyncIterator[None]:
+        """Renew the leases every third of a lease while the block runs: a pass slower than a lease (a slow
+        Postgres) keeps its partitions, and its acks count. A renewal that fails is retried at the next tick;
+        the block's own Redis calls fail the same way and are retried with the pass."""
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(self.lease_secs / 3)
+                try:
+                    await self.renew()
+                except RETRYABLE as exc:
+                    log.warning("lease renewal during a pass failed: %s", exc)
+
+        task = asyncio.create_task(heartbeat(), name="ts-lease-heartbeat")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait([task])  # its end, without swallowing a cancellation of our own
 
     async def _in_groups(self, partitions: list[int], work: Callable[[list[int]], Awaitable[None]]) -> None:
         """Run ``work`` (claim, write, ack) on a few groups of the partitions side by side, so that one group's
