@@ -100,6 +100,12 @@ MUTANTS = (
            "tiered_sessions/flusher.py", "        async with self._renewing():\n            await self._in_groups(",
            "        if True:\n            await self._in_groups(",
            ("tests/test_seams.py::test_a_slow_postgres_still_makes_progress",)),
+    Mutant("unsupervised-tasks", "a background task that dies is restarted (degraded mode ends by itself)",
+           "tiered_sessions/supervisor.py",
+           "                log.exception(\"background task %s died; restarting it in %.1fs\", name, backoff)\n",
+           "                raise\n",
+           ("tests/test_seams.py::test_a_probe_that_dies_is_restarted_and_degraded_mode_still_ends",
+            "tests/test_metrics.py")),
     Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
            "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
            "if state_and_expiry[1] ~= 'a' then return -1 end", ("tests/test_promises.py",)),
@@ -120,8 +126,8 @@ MUTANTS = (
            ("tests/test_promises.py",)),
     Mutant("close-keeps-leases", "close() releases its leases so another flusher takes over at once",
            "tiered_sessions/manager.py",
-           "                await self.flusher.release()  # the other flushers take our partitions now",
-           "                pass  # the other flushers take our partitions now",
+           "            await flusher.release()  # the other flushers take our partitions now",
+           "            pass  # the other flushers take our partitions now",
            ("tests/test_promises.py",)),
 )
 

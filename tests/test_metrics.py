@@ -21,6 +21,7 @@ from tiered_sessions.embedded import PostgresServer
 from tiered_sessions.migrate import migrate
 from tiered_sessions.ops_http import OpsServer
 
+from .helpers import until
 from .ops_helpers import Samples, env_for, flusher, get, get_json, parse, promtool, run, total, value, wait_for
 
 
@@ -134,9 +135,15 @@ async def test_embedded_metrics_reads_by_tier_latency_and_lag_readiness(settings
             assert body["flush_lag_seconds"] >= 0.3
             await manager.flush()
             assert (await get_json(port, "/readyz"))[0] == 200
-            server.alive = lambda: False  # the flush loop died: not healthy (a supervisor restarts it)
-            assert await get_json(port, "/healthz") == (503, {"status": "the flush loop has stopped"})
-            assert (await get_json(port, "/readyz"))[0] == 503
+            async def dies() -> None:
+                raise RuntimeError("broken")
+
+            manager.worker.start("doomed", dies)  # a background task that dies: restarted, down meanwhile
+            await until(lambda: "doomed" in manager.worker.down())
+            assert await get_json(port, "/healthz") == (503, {"status": "background tasks down",
+                                                               "down": {"doomed": "RuntimeError: broken"}})
+            status, body = await get_json(port, "/readyz")
+            assert status == 503 and body["down"] == {"doomed": "RuntimeError: broken"}
         finally:
             await server.close()
             registry.unregister(collector)

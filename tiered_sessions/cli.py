@@ -151,32 +151,23 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
     if args.metrics_port is not None:  # /metrics, /healthz, /readyz (ops_http.py)
         from .ops_http import OpsServer
         server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
-                           ready_max_lag=args.ready_max_lag, alive=lambda: _flusher_alive(manager))
+                           ready_max_lag=args.ready_max_lag)
         try:
             port = await server.start()
         except OSError as exc:
             await manager.close()
             raise ConfigurationError(f"cannot listen on {args.metrics_host}:{args.metrics_port}: {exc}") from None
         log.info("serving /metrics, /healthz, /readyz on http://%s:%d", args.metrics_host, port)
-    stopping = asyncio.create_task(stop.wait())
-    loop_task = manager.flusher_task
-    assert loop_task is not None
-    await asyncio.wait([stopping, loop_task], return_when=asyncio.FIRST_COMPLETED)
-    failed = loop_task.done() and not stop.is_set()
-    if failed:
-        # The loop only ends on its own on an error it cannot retry: exit non-zero so a supervisor restarts us.
-        log.error("the flush loop stopped: %r; exiting", loop_task.exception())
-    else:
+    try:
+        await stop.wait()  # the flush loop is supervised: restarted if it dies (logged, counted, /healthz)
         log.info("stopping: draining for up to %.1fs", settings.drain_timeout_secs)
-    stopping.cancel()
-    await manager.close()
-    if server is not None:
-        await server.close()
-    return 1 if failed else 0
-
-
-def _flusher_alive(manager: SessionManager) -> bool:
-    return manager.flusher_task is not None and not manager.flusher_task.done()
+    finally:
+        try:
+            await manager.close()
+        finally:
+            if server is not None:
+                await server.close()
+    return 0
 
 
 async def _run_stats(args: argparse.Namespace, console: Console) -> int:

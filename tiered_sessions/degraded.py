@@ -23,28 +23,28 @@ import orjson
 from redis.asyncio import Redis
 
 from . import metrics
-from .cold_tier import TRANSIENT_ERRORS, ColdRecord, PostgresSessionStore
+from .cold_tier import TRANSIENT_ERRORS, ColdRecord
 from .config import Settings
 from .hot_tier import HotTier
 from .journal import Journal
 from .model import CLOSED
 from .redis_client import REDIS_ERRORS
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 _PROBE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError, *TRANSIENT_ERRORS)
 
 
 class DegradedMode:
-    def __init__(self, hot: HotTier, store: PostgresSessionStore, journal: Journal, settings: Settings,
-                 stop: asyncio.Event) -> None:
+    def __init__(self, hot: HotTier, journal: Journal, settings: Settings, worker: Supervisor) -> None:
         self.hot = hot
-        self.store = store
+        self.store = journal.store
         self.journal = journal
         self.settings = settings
-        self.stop = stop
+        self.worker = worker  # runs the probe: restarted if it dies, whatever it met
+        self.stop = worker.stop_event
         self.active = False
         self.since: float | None = None
-        self.probe: asyncio.Task[None] | None = None
         self.in_flight = 0  # write-through calls under way: their journal entries may land after a replay
         self.idle = asyncio.Event()  # set while in_flight is 0
         self.idle.set()
@@ -63,8 +63,7 @@ class DegradedMode:
             metrics.set_mode("degraded")
             log.error("Redis unreachable (%s): degraded mode, writing through to PostgreSQL; probing Redis "
                       "every %.1fs", error, self.settings.redis_probe_interval_secs)
-        if self.probe is None or self.probe.done():  # one probe at a time; a running one sees the new trip
-            self.probe = asyncio.get_running_loop().create_task(self._probe_until_back(), name="ts-redis-probe")
+        self.worker.start("redis-probe", self._probe_until_back)  # one at a time; a running one sees the trip
 
     async def _probe_until_back(self) -> None:
         while not self.stop.is_set():
@@ -73,7 +72,9 @@ class DegradedMode:
             if self.stop.is_set():
                 return
             try:
-                await self.hot.client.ping()
+                # Every partition's slot must answer: on a cluster, PING reaches one node, which says nothing
+                # of the master that died.
+                await self.hot.dirty_total()
                 # Pooled connections from before the outage are dead: drop the idle ones now, or each would
                 # fail once on first use and trip the breaker again.
                 if isinstance(self.hot.client, Redis):  # the cluster client reconnects per node by itself

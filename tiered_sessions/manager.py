@@ -45,6 +45,7 @@ from .layout import Layout
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, REMOVED, Session
 from .redis_client import CLUSTER_ERRORS, REDIS_ERRORS, RedisClient, is_unreachable, make_client
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -151,7 +152,6 @@ class SessionManager:
         self.store: PostgresSessionStore | None = None
         self.flusher: Flusher | None = None
         self.degraded: DegradedMode | None = None  # the breaker; None without persistence or when turned off
-        self.flusher_task: asyncio.Task[None] | None = None  # the write-behind loop, with run_flusher
         self.events = EventHub()
         # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
         self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
@@ -159,7 +159,7 @@ class SessionManager:
         self._loading: dict[str, asyncio.Future[tuple[dict[bytes, bytes] | None, int]]] = {}
         self._start_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.worker = Supervisor(self._stop)  # every long-lived task of this manager
         self._backlog_ok = asyncio.Event()  # cleared while the backlog is past its high watermark
         self._backlog_ok.set()
         self.backlog = 0  # dirty sessions in the whole tier, as last read
@@ -215,14 +215,13 @@ class SessionManager:
                 self.flusher = Flusher(hot, store, settings)
                 self.flusher.on_written = self._row_written
                 if settings.degraded_mode:
-                    self.degraded = DegradedMode(hot, store, self.flusher.journal, settings, self._stop)
+                    self.degraded = DegradedMode(hot, self.flusher.journal, settings, self.worker)
                 await self._fold_journal(self.flusher.journal)
                 if settings.run_flusher:
-                    self.flusher_task = asyncio.create_task(self.flusher.run(self._stop), name="ts-flusher")
-                    self._tasks.append(self.flusher_task)
-            self._tasks.append(asyncio.create_task(self._cleanup_loop(), name="ts-cleanup"))
+                    self.worker.start("flusher", functools.partial(self.flusher.run, self._stop))
+            self.worker.start("cleanup", self._cleanup_loop)
             if settings.enable_persistence and settings.backlog_high_watermark is not None:
-                self._tasks.append(asyncio.create_task(self._backlog_loop(hot), name="ts-backlog"))
+                self.worker.start("backlog", functools.partial(self._backlog_loop, hot))
             self._redis = client
             self._hot = hot
 
@@ -257,42 +256,40 @@ class SessionManager:
 
     async def close(self) -> None:
         """Stop background work, drain what this manager's flusher owns (within ``drain_timeout_secs``),
-        then close connections. With ``run_flusher=False`` dirty sessions stay in Redis for a flusher."""
+        then close connections, whatever failed on the way. With ``run_flusher=False`` dirty sessions stay in
+        Redis for a flusher."""
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        if self.degraded is not None and self.degraded.probe is not None:
-            self._tasks.append(self.degraded.probe)
-        for task in self._tasks:
-            # The loops watch the stop event; every wait inside them is bounded, so this ends.
-            try:
-                await task
-            except Exception:
-                log.exception("background task %s failed", task.get_name())
-        await self.events.drain(self.settings.drain_timeout_secs)
-        if self.flusher is not None and self.settings.run_flusher:
-            try:
-                left = await self.flusher.drain(self.settings.drain_timeout_secs)
-            except RETRYABLE as exc:
-                metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
-                log.error("drain on close failed (%s); dirty sessions stay in Redis for the next flusher", exc)
+        try:
+            await self.worker.stop(self.settings.drain_timeout_secs)
+            await self.events.drain(self.settings.drain_timeout_secs)
+            if self.flusher is not None and self.settings.run_flusher:
+                await self._drain_and_release(self.flusher)
+        finally:
+            if self._hot is not None:
+                await self._hot.pipeline.aclose()
+            if self._redis is not None:
+                await self._redis.aclose()
+            if self.store is not None:
+                await self.store.close()
+
+    async def _drain_and_release(self, flusher: Flusher) -> None:
+        try:
+            left = await flusher.drain(self.settings.drain_timeout_secs)
+        except RETRYABLE as exc:
+            metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
+            log.error("drain on close failed (%s); dirty sessions stay in Redis for the next flusher", exc)
+        else:
+            if left:
+                log.warning("close: %d sessions still dirty after %.1fs; they stay in Redis for the next "
+                            "flusher", left, self.settings.drain_timeout_secs)
             else:
-                if left:
-                    log.warning("close: %d sessions still dirty after %.1fs; they stay in Redis for the next "
-                                "flusher", left, self.settings.drain_timeout_secs)
-                else:
-                    log.info("close: drained, nothing left dirty")
-            try:
-                await self.flusher.release()  # the other flushers take our partitions now, not at lease expiry
-            except RETRYABLE as exc:
-                log.warning("close: could not release the flusher leases (%s); they expire by themselves", exc)
-        if self._hot is not None:
-            await self._hot.pipeline.aclose()
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self.store is not None:
-            await self.store.close()
+                log.info("close: drained, nothing left dirty")
+        try:
+            await flusher.release()  # the other flushers take our partitions now, not at lease expiry
+        except RETRYABLE as exc:
+            log.warning("close: could not release the flusher leases (%s); they expire by themselves", exc)
 
     async def _ready(self) -> HotTier:
         if self._hot is None:

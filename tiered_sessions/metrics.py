@@ -71,6 +71,9 @@ MODES = ("normal", "degraded")
 MODE = Gauge("tiered_sessions_mode",
              "1 for the mode this process runs in, 0 for the other: normal (write-behind) or degraded "
              "(writing through to Postgres).", ["mode"])
+TASK_RESTARTS = Counter("tiered_sessions_task_restarts_total",
+                        "Background tasks (flusher, cleanup, backlog, redis-probe) that died of an unexpected error "
+                        "and were restarted (per process).", ["task"])
 EVENT_ERRORS = Counter("tiered_sessions_event_listener_errors_total",
                        "Lifecycle event listeners that raised (per process).", ["kind"])
 

@@ -3,7 +3,8 @@
 * ``/metrics``: Prometheus exposition (text or OpenMetrics, by the Accept header). The global gauges (flush lag,
   backlog, live sessions, stored dead letters) are read from Redis at each scrape, so they stay fresh even while
   the flusher itself is stuck retrying.
-* ``/healthz``: 200 while the process, its event loop and its flush loop are alive.
+* ``/healthz``: 200 while the process, its event loop and every supervised background task (the flush loop
+  first) are alive; 503 naming the tasks that died and wait to be restarted.
 * ``/readyz``: 200 when Redis and PostgreSQL answer and the flush lag is at most ``ready_max_lag`` seconds,
   else 503; the JSON body says which check failed.
 
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -40,14 +40,13 @@ class OpsServer:
 
     def __init__(self, manager: SessionManager, *, host: str = "127.0.0.1", port: int = 0,
                  ready_max_lag: float = 30.0, check_timeout: float | None = None,
-                 registry: CollectorRegistry = REGISTRY, alive: Callable[[], bool] | None = None) -> None:
+                 registry: CollectorRegistry = REGISTRY) -> None:
         self.manager = manager
         self.host = host
         self.port = port
         self.ready_max_lag = ready_max_lag
         self.check_timeout = check_timeout or min(manager.settings.socket_timeout_secs, 5.0)
         self.registry = registry
-        self.alive = alive or (lambda: True)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -74,9 +73,10 @@ class OpsServer:
         return 200, content_type, encoder(self.registry)
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        if self.alive():
+        down = self.manager.worker.down()
+        if not down:
             return 200, {"status": "alive"}
-        return 503, {"status": "the flush loop has stopped"}
+        return 503, {"status": "background tasks down", "down": down}
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
         checks: dict[str, Any] = {}
@@ -105,9 +105,10 @@ class OpsServer:
                 checks["postgres"] = f"error: {self._describe(exc)}"
             else:
                 checks["postgres"] = "ok"
-        if not self.alive():
+        down = self.manager.worker.down()
+        if down:
             ready = False
-            checks["flusher"] = "the flush loop has stopped"
+            checks["down"] = down
         return (200 if ready else 503), {"ready": ready, **checks}
 
     def _describe(self, exc: BaseException) -> str:
