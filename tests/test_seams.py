@@ -5,11 +5,12 @@ Each ends with Postgres holding every acknowledged write and ``flush()`` telling
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -44,6 +45,59 @@ def paused_redis() -> Iterator[RedisServer]:
             server.resume()  # never leave a stopped process behind a failed test
 
 
+@contextlib.asynccontextmanager
+async def _closes_while_frozen(own: Settings, server: RedisServer, sid: str) -> AsyncIterator[SessionManager]:
+    """A manager whose Redis freezes (SIGSTOP: unreachable, data kept) before the block: the block's writes are
+    written through to Postgres and journaled, and the manager closes with Redis still frozen, leaving its
+    journal behind. The caller resumes Redis."""
+    degraded = SessionManager(settings=own, drain_timeout_secs=1)
+    await degraded.start()
+    server.pause()
+    try:
+        with pytest.raises(RedisUnavailable):
+            await degraded.get(sid)  # trips the breaker; a read: whether or not it ran, it changed nothing
+        yield degraded
+    finally:
+        await degraded.close()
+
+
+@contextlib.asynccontextmanager
+async def _journal_held(own: Settings) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Another process replaying the journal (holding its advisory lock) until the yielded release is awaited."""
+    lock = f"tiered_sessions:journal:{own.qualified_table}"
+    holder = await asyncpg.connect(own.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+
+        async def release() -> None:
+            await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+
+        yield release
+    finally:
+        await holder.close()
+
+
+async def _base_then_journaled(own: Settings, server: RedisServer, sid: str) -> None:
+    """``sid`` flushed with data {"base": 1}; then 3 touches and a merge of {"journaled": True} written through
+    and left in the journal by a manager that closed while Redis was frozen; Redis resumed."""
+    async with SessionManager(settings=own) as first:
+        await first.ensure(sid, data={"base": 1})
+        assert await first.flush() == 0
+    async with _closes_while_frozen(own, server, sid) as degraded:
+        for _ in range(3):
+            assert await degraded.update_activity(sid) is True
+        await degraded.update(sid, data={"journaled": True})
+    server.resume()
+
+
+async def _flushall(server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 def snapshot_redis() -> Iterator[RedisServer]:
     """A Redis whose data survives restarts only through RDB files we save and put back (a backup)."""
@@ -62,15 +116,10 @@ async def test_journal_of_a_manager_closed_while_degraded_is_replayed_by_the_nex
         assert await first.flush() == 0
     acknowledged = 5
 
-    degraded = SessionManager(settings=own, drain_timeout_secs=1)
-    await degraded.start()
-    paused_redis.pause()  # unreachable, data kept: the next call trips the breaker
-    with pytest.raises(RedisUnavailable):
-        await degraded.get(sid)  # a read: whether or not it ran, it changed nothing
-    for _ in range(3):
-        assert await degraded.update_activity(sid) is True  # written through to Postgres, journaled
+    async with _closes_while_frozen(own, paused_redis, sid) as degraded:
+        for _ in range(3):
+            assert await degraded.update_activity(sid) is True  # written through to Postgres, journaled
     acknowledged += 3
-    await degraded.close()  # closes while Redis is still frozen: its journal is left behind
     listed = await asyncio.to_thread(_cli, "journal", "list", "--json", env=_env(own))  # Postgres alone answers
     assert listed.returncode == 0, listed.stderr
     shown = json.loads(listed.stdout)
@@ -99,41 +148,23 @@ async def test_flush_refused_by_a_newer_postgres_row_keeps_the_journaled_writes(
     replayer holds the journal), so Postgres is ahead and refuses it. Nothing is lost, and flush() says so."""
     own = _own(settings, paused_redis)
     sid = "refused-then-folded"
-    async with SessionManager(settings=own) as first:
-        await first.ensure(sid, data={"base": 1})
-        assert await first.flush() == 0
-    degraded = SessionManager(settings=own, drain_timeout_secs=1)
-    await degraded.start()
-    paused_redis.pause()
-    with pytest.raises(RedisUnavailable):
-        await degraded.get(sid)
-    for _ in range(3):
-        assert await degraded.update_activity(sid) is True
-    await degraded.update(sid, data={"journaled": True})
-    await degraded.close()
-    paused_redis.resume()
+    await _base_then_journaled(own, paused_redis, sid)
 
-    lock = f"tiered_sessions:journal:{own.qualified_table}"
-    holder = await asyncpg.connect(own.database_url)
-    try:
-        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)  # another replayer is busy
-        async with SessionManager(settings=own, run_flusher=False) as second:
-            assert await second.flush() > 0  # nothing dirty in Redis, but the journal is not folded in yet
-            assert await second.update_activity(sid) is True  # Redis copy: version below Postgres's
-            await second.update(sid, data={"after": 1})
-            left = await second.flush()
-            assert left > 0, "flush() reported durable while journaled writes were not in Redis's copy"
-            await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
-            assert await second.flush() == 0  # folds the journal in, then writes the copy that has it all
-            row = await pg_row(pg, own, sid)
-            assert row is not None
-            assert row["request_count"] == 3 + 1
-            assert orjson_loads(row["session_data"]) == {"base": 1, "journaled": True, "after": 1}
-            session = await second.get(sid)
-            assert session is not None and session.request_count == 4
-            assert session.version == row["version"]
-    finally:
-        await holder.close()
+    async with _journal_held(own) as release, SessionManager(settings=own, run_flusher=False) as second:
+        assert await second.flush() > 0  # nothing dirty in Redis, but the journal is not folded in yet
+        assert await second.update_activity(sid) is True  # Redis copy: version below Postgres's
+        await second.update(sid, data={"after": 1})
+        left = await second.flush()
+        assert left > 0, "flush() reported durable while journaled writes were not in Redis's copy"
+        await release()
+        assert await second.flush() == 0  # folds the journal in, then writes the copy that has it all
+        row = await pg_row(pg, own, sid)
+        assert row is not None
+        assert row["request_count"] == 3 + 1
+        assert orjson_loads(row["session_data"]) == {"base": 1, "journaled": True, "after": 1}
+        session = await second.get(sid)
+        assert session is not None and session.request_count == 4
+        assert session.version == row["version"]
 
 
 def orjson_loads(value: object) -> object:
@@ -146,34 +177,12 @@ async def test_journaled_writes_stay_durable_while_a_refused_copy_waits_for_the_
     acknowledged, they stay in Postgres even if Redis is lost before the replay."""
     own = _own(settings, paused_redis)
     sid = "refused-then-lost"
-    async with SessionManager(settings=own) as first:
-        await first.ensure(sid, data={"base": 1})
-        assert await first.flush() == 0
-    degraded = SessionManager(settings=own, drain_timeout_secs=1)
-    await degraded.start()
-    paused_redis.pause()
-    with pytest.raises(RedisUnavailable):
-        await degraded.get(sid)
-    for _ in range(3):
-        assert await degraded.update_activity(sid) is True
-    await degraded.update(sid, data={"journaled": True})
-    await degraded.close()
-    paused_redis.resume()
-    lock = f"tiered_sessions:journal:{own.qualified_table}"
-    holder = await asyncpg.connect(own.database_url)
-    try:
-        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+    await _base_then_journaled(own, paused_redis, sid)
+    async with _journal_held(own):
         async with SessionManager(settings=own, run_flusher=False, drain_timeout_secs=1) as second:
             assert await second.update_activity(sid) is True
             assert await second.flush() > 0
-        client = aioredis.Redis.from_url(paused_redis.url)
-        try:
-            await client.flushall()  # Redis lost (no persistence) before anyone replayed the journal
-        finally:
-            await client.aclose()
-        await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
-    finally:
-        await holder.close()
+        await _flushall(paused_redis)  # Redis lost (no persistence) before anyone replayed the journal
     row = await pg_row(pg, own, sid)
     assert row is not None and row["request_count"] >= 3  # what was acknowledged as written through
     assert orjson_loads(row["session_data"]) == {"base": 1, "journaled": True}
@@ -194,33 +203,18 @@ async def test_a_copy_warmed_from_postgres_before_the_replay_counts_nothing_twic
         for _ in range(2):
             assert await first.update_activity(sid) is True
         assert await first.flush() == 0
-    degraded = SessionManager(settings=own, drain_timeout_secs=1)
-    await degraded.start()
-    paused_redis.pause()
-    with pytest.raises(RedisUnavailable):
-        await degraded.get(sid)
-    for _ in range(3):
-        assert await degraded.update_activity(sid) is True
-    await degraded.close()
+    async with _closes_while_frozen(own, paused_redis, sid) as degraded:
+        for _ in range(3):
+            assert await degraded.update_activity(sid) is True
     paused_redis.resume()
-    client = aioredis.Redis.from_url(paused_redis.url)
-    try:
-        await client.flushall()  # back cold
-    finally:
-        await client.aclose()
-    lock = f"tiered_sessions:journal:{own.qualified_table}"
-    holder = await asyncpg.connect(own.database_url)
-    try:
-        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
-        async with SessionManager(settings=own, run_flusher=False) as second:
-            warmed = await second.get(sid)  # read-through: Postgres has the 3 journaled touches
-            assert warmed is not None and warmed.request_count == 5
-            await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
-            assert await second.flush() == 0  # replays the journal onto the warmed copy: nothing applies
-            session = await second.get(sid)
-            assert session is not None and session.request_count == 5
-    finally:
-        await holder.close()
+    await _flushall(paused_redis)  # back cold
+    async with _journal_held(own) as release, SessionManager(settings=own, run_flusher=False) as second:
+        warmed = await second.get(sid)  # read-through: Postgres has the 3 journaled touches
+        assert warmed is not None and warmed.request_count == 5
+        await release()
+        assert await second.flush() == 0  # replays the journal onto the warmed copy: nothing applies
+        session = await second.get(sid)
+        assert session is not None and session.request_count == 5
     row = await pg_row(pg, own, sid)
     assert row is not None and row["request_count"] == 5
 
@@ -231,13 +225,8 @@ async def test_journal_replay_from_the_command_line(settings: Settings, paused_r
     async with SessionManager(settings=own) as first:
         await first.ensure(sid)
         assert await first.flush() == 0
-    degraded = SessionManager(settings=own, drain_timeout_secs=1)
-    await degraded.start()
-    paused_redis.pause()
-    with pytest.raises(RedisUnavailable):
-        await degraded.get(sid)
-    assert await degraded.update_activity(sid) is True
-    await degraded.close()
+    async with _closes_while_frozen(own, paused_redis, sid) as degraded:
+        assert await degraded.update_activity(sid) is True
     paused_redis.resume()
     replayed = await asyncio.to_thread(_cli, "journal", "replay", "--json", env=_env(own))
     assert replayed.returncode == 0, replayed.stderr
@@ -539,3 +528,18 @@ async def test_a_probe_that_dies_is_restarted_and_degraded_mode_still_ends(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_stats_answer_from_postgres_while_redis_is_unreachable(settings: Settings,
+                                                                     paused_redis: RedisServer) -> None:
+    own = _own(settings, paused_redis)
+    async with SessionManager(settings=own) as manager:
+        await manager.ensure("counted")
+        assert await manager.flush() == 0
+    paused_redis.pause()
+    shown = await asyncio.to_thread(_cli, "stats", "--json",
+                                    env={**_env(own), "TIERED_SESSIONS_SOCKET_TIMEOUT_SECS": "1"})
+    assert shown.returncode == 0, shown.stderr
+    stats = json.loads(shown.stdout)
+    assert stats["redis"].startswith("unreachable") and stats["total_sessions"] == 1
+    assert stats["dirty_sessions"] is None and stats["journal_pending"] == 0

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .cold_tier import PostgresSessionStore
 from .config import Settings
-from .errors import ConfigurationError, TieredSessionsError
+from .errors import ConfigurationError, RedisUnavailable, TieredSessionsError
 from .manager import SessionManager
 from .migrate import migrate
 
@@ -175,10 +175,16 @@ async def _run_stats(args: argparse.Namespace, console: Console) -> int:
     if args.watch:
         from .watch import watch_stats
         return await watch_stats(settings, console, interval=args.interval, count=args.count, as_json=args.json)
-    async with SessionManager(settings=settings) as manager:
-        metrics = await manager.get_session_metrics()
-    shown = {key: metrics[key] for key in ("total_sessions", "active_sessions", "dirty_sessions",
-                                           "flush_lag_seconds", "oldest_session_age", "avg_session_age")}
+    try:
+        async with SessionManager(settings=settings) as manager:
+            metrics = await manager.get_session_metrics()
+    except RedisUnavailable as exc:
+        if not settings.database_url:
+            raise
+        shown = await _stats_from_postgres(settings, str(exc))
+    else:
+        shown = {key: metrics[key] for key in ("total_sessions", "active_sessions", "dirty_sessions",
+                                               "flush_lag_seconds", "oldest_session_age", "avg_session_age")}
     if args.json:
         print(json.dumps(shown))
         return 0
@@ -189,6 +195,15 @@ async def _run_stats(args: argparse.Namespace, console: Console) -> int:
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
     return 0
+
+
+async def _stats_from_postgres(settings: Settings, redis_error: str) -> dict[str, Any]:
+    """What Postgres alone can say while Redis is unreachable: live rows and journal entries pending (the
+    Redis readings unknown: None)."""
+    async with PostgresSessionStore(settings=settings) as store:
+        live, pending = await store.count_live(), await store.journal_pending()
+    return {"redis": f"unreachable: {redis_error}", "total_sessions": live, "active_sessions": live,
+            "dirty_sessions": None, "flush_lag_seconds": None, "journal_pending": pending}
 
 
 async def _run_recover(args: argparse.Namespace, console: Console) -> int:

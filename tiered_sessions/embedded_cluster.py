@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from .embedded import RedisServer, find_redis_server
+from .embedded import RedisServer, _PortInUseError, find_redis_server
 from .errors import EmbeddedServerError
 
 
@@ -22,20 +22,30 @@ class LocalCluster:
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="tiered-sessions-cluster-"))
         self.masters, self.replicas = masters, replicas
-        self.nodes = [
-            RedisServer(port=_free_cluster_port(), data_dir=self.folder / f"node{i}", extra_args=[
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms)])
-            for i in range(masters * (1 + replicas))
-        ]
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [self._node(i) for i in range(masters * (1 + replicas))]
+
+    def _node(self, i: int) -> RedisServer:
+        return RedisServer(port=_free_cluster_port(), data_dir=self.folder / f"node{i}", extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(self.node_timeout_ms)])
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        """Seeded by the first node that runs (a client maps the rest of the cluster from it)."""
+        node = next((node for node in self.nodes if node.is_running()), self.nodes[0])
+        return f"redis+cluster://127.0.0.1:{node.port}"
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
+        for i in range(len(self.nodes)):
+            for attempt in range(5):
+                try:
+                    self.nodes[i].start()
+                    break
+                except _PortInUseError:  # taken between our check and the server's bind: another free pair
+                    if attempt == 4:
+                        raise
+                    self.nodes[i] = self._node(i)
         cli = find_redis_server().parent / "redis-cli"
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         done = subprocess.run([str(cli), "--cluster", "create", *addresses, "--cluster-replicas",

@@ -44,7 +44,14 @@ from .journal import Journal
 from .layout import Layout
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, REMOVED, Session
-from .redis_client import CLUSTER_ERRORS, REDIS_ERRORS, RedisClient, is_unreachable, make_client
+from .redis_client import (
+    CLUSTER_ERRORS,
+    REDIS_ERRORS,
+    RedisClient,
+    closed_under_the_call,
+    is_unreachable,
+    make_client,
+)
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -88,7 +95,7 @@ def _raise_named(manager: SessionManager, operation: str, exc: Exception) -> NoR
     degraded mode), or ``exc`` itself for any other error."""
     if isinstance(exc, BackendUnavailable):
         raise exc  # already named and redacted (it is an OSError too: keep it out of the clauses below)
-    if isinstance(exc, _REDIS_FAILURES) and is_unreachable(exc):
+    if (isinstance(exc, _REDIS_FAILURES) and is_unreachable(exc)) or closed_under_the_call(exc):
         metrics.BACKEND_ERRORS.labels("redis", operation).inc()
         if manager.degraded is not None:
             manager.degraded.trip(exc)  # calls from now on write through to Postgres

@@ -25,12 +25,13 @@ from typing import Any
 
 from hiredis import pack_command
 from redis.asyncio import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import now_ms
 from .pipelined_connection import PipelinedConnection
-from .redis_client import RedisClient
+from .redis_client import RedisClient, closed_under_the_call
 from .scripts import LuaScript
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,10 @@ class AutoPipeline:
                 results: list[Any] = await pipe.execute(raise_on_error=False)
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from the Redis Cluster within {self.timeout}s") from None
+        except (AttributeError, TypeError) as exc:
+            if not closed_under_the_call(exc):
+                raise
+            raise RedisConnectionError(f"the Redis Cluster client closed this call's connection: {exc}") from exc
         return results
 
 

@@ -31,6 +31,14 @@ def is_unreachable(exc: BaseException) -> bool:
         return True
     return type(exc) is RedisClusterException and isinstance(exc.__cause__, RedisConnectionError | RedisTimeoutError)
 
+def closed_under_the_call(exc: BaseException) -> bool:
+    """redis-py's cluster client re-maps the cluster (a pipeline's retry, CLUSTERDOWN, every few MOVED) by closing
+    every node connection, in use or not; a concurrent call then fails on the dead transport with one of these
+    instead of a ConnectionError (redis-py#4287, seen under load in a failover). The call may or may not have
+    been applied, as with any lost connection."""
+    return isinstance(exc, AttributeError | TypeError) and "'NoneType' object" in str(exc)
+
+
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
