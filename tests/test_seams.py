@@ -543,3 +543,27 @@ async def test_stats_answer_from_postgres_while_redis_is_unreachable(settings: S
     stats = json.loads(shown.stdout)
     assert stats["redis"].startswith("unreachable") and stats["total_sessions"] == 1
     assert stats["dirty_sessions"] is None and stats["journal_pending"] == 0
+
+
+async def test_a_broken_partition_holds_back_only_itself(settings: Settings, redis: aioredis.Redis,
+                                                         pg: asyncpg.Connection) -> None:
+    """One partition's Redis calls fail (its dirty index is not a sorted set): it retries on a backoff of its
+    own while every other partition keeps its normal lag."""
+    async with SessionManager(settings=settings) as manager:
+        assert manager.flusher is not None
+        hot = manager.flusher.hot
+        broken = hot.keys("victim").dirty
+        await redis.set(broken, "not a sorted set")
+        ids = [sid for sid in (f"fine-{i}" for i in range(200)) if hot.keys(sid).dirty != broken][:30]
+        started = asyncio.get_running_loop().time()
+        for sid in ids:
+            await manager.ensure(sid)
+
+        async def all_flushed() -> bool:
+            count = await pg.fetchval(f"SELECT count(*) FROM {settings.qualified_table} WHERE session_id = ANY($1)",
+                                      ids)
+            return bool(count == len(ids))
+
+        await ops.wait_for(all_flushed, "the healthy partitions to flush", timeout=10)
+        assert asyncio.get_running_loop().time() - started < 3
+        await redis.delete(broken)

@@ -89,6 +89,7 @@ class Flusher:
         self.dead_letters = DeadLetters(hot)
         self.journal = Journal(hot, cold)  # whoever wrote it: every pass folds back what it finds
         self.outage = _Outage()
+        self.backoff = _PartitionBackoff()
         # Called for every tombstone or expired row written, before the ack (lifecycle events).
         self.on_written: Callable[[DirtyEntry], None] | None = None
 
@@ -143,20 +144,32 @@ class Flusher:
         started = time.perf_counter()
         result = PassResult()
         tokens = dict.fromkeys(self.held, self.flusher_id)
+        failed: dict[int, BaseException] = {}
+        flushed: list[int] = []
 
         async def one_group(group: list[int]) -> None:
             # A partition at a time: one group's claim runs in Redis while another's batch is written, and a
             # partition claimed later in the pass takes along what was dirtied meanwhile
             for partition in group:
+                if not self.backoff.due(partition):
+                    continue
                 read_ms = codec.now_ms()
-                entries = await self.hot.claim(partition, self.batch_size, max_score_ms or read_ms, read_ms)
-                result.claimed += len(entries)
-                result.full = result.full or len(entries) >= self.batch_size
-                if entries:
-                    await self._write_and_ack({partition: entries}, read_ms, tokens, result)
+                try:
+                    entries = await self.hot.claim(partition, self.batch_size, max_score_ms or read_ms, read_ms)
+                    result.claimed += len(entries)
+                    result.full = result.full or len(entries) >= self.batch_size
+                    if entries:
+                        await self._write_and_ack({partition: entries}, read_ms, tokens, result)
+                except REDIS_ERRORS as exc:  # its key or its slot; a Postgres failure fails the pass
+                    failed[partition] = exc
+                else:
+                    flushed.append(partition)
 
         async with self._renewing():
             await self._in_groups(sorted(self.held), one_group)
+        if failed and not flushed:  # every partition tried failed: a server, not a partition (the pass retries)
+            raise next(iter(failed.values()))
+        self.backoff.record(failed, flushed)
         if result.claimed:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
@@ -452,6 +465,35 @@ class Flusher:
 
 def _session_id(entry: DirtyEntry) -> str:
     return entry.session_id
+
+
+class _PartitionBackoff:
+    """A partition whose Redis calls fail while others succeed (a key of its own at fault, its cluster master
+    down) waits a backoff of its own while the others keep flushing; logged when its streak starts and ends,
+    each failure counted. A pass where every partition fails, or Postgres fails, is a server's failure: the
+    pass retries as a whole."""
+
+    def __init__(self) -> None:
+        self.failures: dict[int, int] = {}
+        self.until: dict[int, float] = {}
+
+    def due(self, partition: int) -> bool:
+        return self.until.get(partition, 0.0) <= time.monotonic()
+
+    def record(self, failed: dict[int, BaseException], flushed: list[int]) -> None:
+        for partition, exc in failed.items():
+            count = self.failures[partition] = self.failures.get(partition, 0) + 1
+            delay = min(MAX_BACKOFF_SECS, 0.1 * 2 ** (count - 1))
+            self.until[partition] = time.monotonic() + delay
+            metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
+            if count == 1:
+                log.warning("partition %d failed (%s: %s); the other partitions go on, it retries every %.1fs at "
+                            "most", partition, type(exc).__name__, exc, MAX_BACKOFF_SECS)
+        for partition in flushed:
+            count = self.failures.pop(partition, 0)
+            self.until.pop(partition, None)
+            if count:
+                log.warning("partition %d flushes again after %d failed attempts", partition, count)
 
 
 class _Outage:
