@@ -49,7 +49,7 @@ MUTANTS = (
            ("tests/test_seams.py",)),
     Mutant("no-rebase", "a Redis copy behind Postgres is rebased, not swallowed by the guard",
            "tiered_sessions/lua/redirty.lua", "if above and version <= above then", "if false then",
-           ("tests/test_seams.py::test_redis_restored_from_an_older_backup_loses_no_later_write",)),
+           ("tests/test_seams.py::test_redis_restored_from_an_older_copy_loses_no_later_write",)),
     Mutant("rebase-over-pending-journal", "journaled writes stay in Postgres until the replay folds them in",
            "tiered_sessions/flusher.py",
            "after_journal = {sid for sid, refusal in rows.items() if refusal.journaled}",

@@ -164,6 +164,13 @@ def test_dashboard_and_alerts_query_only_defined_metrics() -> None:
         {f.name for metric in metrics.all_metrics() for f in metric.describe()}
 
 
+def test_every_metric_is_documented() -> None:
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    for family in (f for metric in metrics.all_metrics() for f in metric.describe()):
+        exported = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{exported}`" in documented, f"{exported} is missing from docs/operations.md"
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     # promtool has no "check this expression": make each query a recording rule and check the rule file.
     rules = [{"record": f"dashboard:query_{i}", "expr": query.replace("$__rate_interval", "5m")}

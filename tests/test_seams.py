@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -98,11 +99,53 @@ async def _flushall(server: RedisServer) -> None:
         await client.aclose()
 
 
-@pytest.fixture
-def snapshot_redis() -> Iterator[RedisServer]:
-    """A Redis whose data survives restarts only through RDB files we save and put back (a backup)."""
-    with RedisServer() as server:
-        yield server
+class _RdbBackup:
+    """A backup taken with SAVE and put back after a crash: Redis comes back as it was at ``mark()``."""
+
+    def __init__(self) -> None:
+        self.server = RedisServer()
+
+    async def mark(self) -> None:
+        client = aioredis.Redis.from_url(self.server.url)
+        try:
+            await client.save()
+        finally:
+            await client.aclose()
+        shutil.copy(self.server.data_dir / "dump.rdb", self.server.data_dir.parent / "backup.rdb")
+
+    def restore(self) -> None:
+        self.server.kill()
+        shutil.copy(self.server.data_dir.parent / "backup.rdb", self.server.data_dir / "dump.rdb")
+        self.server.start()
+
+
+class _AofTailLost:
+    """An AOF that loses its tail in a crash (with appendfsync everysec, up to its last second): fsynced on every
+    write here, so its length at ``mark()`` is a whole prefix, and the crash cuts it back to that length."""
+
+    def __init__(self) -> None:
+        self.server = RedisServer(appendonly=True, extra_args=["--appendfsync", "always"])
+        self.cut: tuple[Path, int] | None = None
+
+    async def mark(self) -> None:
+        newest = max(self.server.data_dir.rglob("*.aof"), key=lambda path: path.stat().st_mtime)
+        self.cut = newest, newest.stat().st_size
+
+    def restore(self) -> None:
+        assert self.cut is not None
+        self.server.kill()
+        path, size = self.cut
+        with path.open("r+b") as aof:
+            aof.truncate(size)
+        self.server.start()
+
+
+@pytest.fixture(params=[_RdbBackup, _AofTailLost], ids=["backup-restored", "aof-tail-lost"])
+def older_redis(request: pytest.FixtureRequest) -> Iterator[_RdbBackup | _AofTailLost]:
+    """A Redis that can come back older than Postgres after a crash."""
+    restorable = request.param()
+    with restorable.server:
+        yield restorable
 
 
 async def test_journal_of_a_manager_closed_while_degraded_is_replayed_by_the_next(
@@ -239,12 +282,12 @@ async def test_journal_replay_from_the_command_line(settings: Settings, paused_r
         await client.aclose()
 
 
-async def test_redis_restored_from_an_older_backup_loses_no_later_write(
-        settings: Settings, snapshot_redis: RedisServer, pg: asyncpg.Connection) -> None:
+async def test_redis_restored_from_an_older_copy_loses_no_later_write(
+        settings: Settings, older_redis: _RdbBackup | _AofTailLost, pg: asyncpg.Connection) -> None:
     """Redis comes back older than Postgres (a backup, an AOF missing its last second, a lagging replica):
     every write acknowledged after that reaches Postgres, the refused flushes are not counted durable, and the
     tiers converge."""
-    own = _own(settings, snapshot_redis)
+    own = _own(settings, older_redis.server)
     ids = [f"restored-{i}" for i in range(6)]
     async with SessionManager(settings=own, run_flusher=False) as before:  # no leases in the backup
         for sid in ids:
@@ -252,21 +295,13 @@ async def test_redis_restored_from_an_older_backup_loses_no_later_write(
             for _ in range(2):
                 await before.update_activity(sid)
         assert await before.flush() == 0
-        client = aioredis.Redis.from_url(snapshot_redis.url)
-        try:
-            await client.save()
-        finally:
-            await client.aclose()
-        backup = snapshot_redis.data_dir.parent / "backup.rdb"
-        shutil.copy(snapshot_redis.data_dir / "dump.rdb", backup)
+        await older_redis.mark()
         for sid in ids:  # durable in Postgres, then lost from Redis by the restore below
             for _ in range(4):
                 await before.update_activity(sid)
             await before.update(sid, data={"lost": 1})
         assert await before.flush() == 0
-    snapshot_redis.kill()
-    shutil.copy(backup, snapshot_redis.data_dir / "dump.rdb")
-    snapshot_redis.start()
+    older_redis.restore()
 
     refused_before = _refused_total()
     async with SessionManager(settings=own, run_flusher=False) as after:  # flushes happen where the test says
