@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fakeredis
 import pytest
 
-from tiered_sessions import scripts
+from tiered_sessions.scripts import ACK, ENSURE, LEASE, LEASE_RELEASE, LIVE_COUNT, REMOVE, TOUCH, UPDATE, LuaScript
+
+
+async def _run(script: LuaScript, client: fakeredis.FakeAsyncRedis, keys: list[str],
+               args: list[Any]) -> Any:
+    return await client.eval(script.source, len(keys), *keys, *args)
 
 
 @pytest.fixture
@@ -27,26 +33,26 @@ T = int(time.time() * 1000) + 600_000  # scripts take "now" from the caller; ahe
 
 
 async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
-    reply = await scripts.ENSURE(fake, KEYS, [T + 1000, 60_000, "a", "1", "0", 0, 0, 0, BUCKET])
+    reply = await _run(ENSURE, fake, KEYS, [T + 1000, 60_000, "a", "1", "0", 0, 0, 0, BUCKET])
     assert reply[0] == 2
 
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2000, 5]) == [[2, 1, 5, T + 2000]]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2000, 5]) == [[2, 1, 5, T + 2000]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
+    assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
     assert await fake.ttl(KEYS[0]) == -1  # still pinned
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 2500, "?", "a", 2, "1"]) == 1
+    assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 2500, "?", "a", 2, "1"]) == 1
     assert await fake.zscore(KEYS[1], "a") is None
     assert await fake.pexpiretime(KEYS[0]) == T + 62_000  # the real expiry: last activity + timeout
 
 
 async def test_touch_replies_the_version_unless_counters_are_asked_for(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 2000, 5]) == [2]
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2001, 7]) == [[3, 2, 12, T + 2001]]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 2000, 5]) == [2]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2001, 7]) == [[3, 2, 12, T + 2001]]
     assert await fake.hmget(KEYS[0], ["la", "ex"]) == [str(T + 2001).encode(), str(T + 62_001).encode()]
 
 
@@ -57,19 +63,19 @@ async def test_one_ack_clears_more_entries_than_one_zrem_takes(fake: fakeredis.F
     await fake.zadd(KEYS[1], {sid: T for sid in ids} | {"written-again": T})
     await fake.hset("ts:{p0}:s:written-again", mapping={"v": 2, "st": "a", "ex": T + 60_000})
     triples = [item for sid in [*ids, "written-again"] for item in (sid, 1, "1")]
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 100, "?", *triples]) == 1203
+    assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 100, "?", *triples]) == 1203
     assert await fake.zrange(KEYS[1], 0, -1, withscores=True) == [(b"written-again", T + 100)]
 
 
 async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.REMOVE(fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
-    assert await scripts.REMOVE(fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
-    assert await scripts.TOUCH(fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 3002, 5]) == [-1]
-    assert await scripts.ACK(fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
+    assert await _run(REMOVE, fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
+    assert await _run(REMOVE, fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 3002, 5]) == [-1]
+    assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.
-    reply = await scripts.ENSURE(fake, KEYS, [T + 4000, 60_000, "a", "1", "1", 1, 0, 0, BUCKET])
+    reply = await _run(ENSURE, fake, KEYS, [T + 4000, 60_000, "a", "1", "1", 1, 0, 0, BUCKET])
     assert reply[0] == 2 and dict(zip(reply[1][::2], reply[1][1::2], strict=True))[b"v"] == b"3"
 
 
@@ -77,42 +83,42 @@ async def test_update_refuses_growth_past_the_limit_without_writing(fake: fakere
     await _create(fake)
     keys = KEYS[:2]
     fixed = ["a", 20, "1", "", 1, "", "", 0, 0]  # id, max bytes, persist, state, 1 pair, no journal/CAS/unset/guard
-    assert await scripts.UPDATE(fake, keys, [T + 2000, *fixed, "d:k", "123456789"]) == [2, 12]
-    assert await scripts.UPDATE(fake, keys, [T + 2001, *fixed, "d:j", "123456789"]) == [-2, 24]
+    assert await _run(UPDATE, fake, keys, [T + 2000, *fixed, "d:k", "123456789"]) == [2, 12]
+    assert await _run(UPDATE, fake, keys, [T + 2001, *fixed, "d:j", "123456789"]) == [-2, 24]
     assert await fake.hget(KEYS[0], "d:j") is None and await fake.hget(KEYS[0], "v") == b"2"
-    assert await scripts.UPDATE(fake, keys, [T + 2002, *fixed, "d:k", "1"]) == [3, 4]
+    assert await _run(UPDATE, fake, keys, [T + 2002, *fixed, "d:k", "1"]) == [3, 4]
 
 
 async def test_ack_is_fenced_by_the_partition_lease(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-a", 5000]) == 1
-    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-b", 5000]) == 0  # held by a
+    assert await _run(LEASE, fake, [LEASE_KEY], ["flusher-a", 5000]) == 1
+    assert await _run(LEASE, fake, [LEASE_KEY], ["flusher-b", 5000]) == 0  # held by a
     args = ["ts:{p0}:s:", 600_000, T + 1500]
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "flusher-b", "a", 1, "1"]) == -1  # not the holder
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-b", "a", 1, "1"]) == -1  # on demand, but a holds it
+    assert await _run(ACK, fake, ACK_KEYS, [*args, "flusher-b", "a", 1, "1"]) == -1  # not the holder
+    assert await _run(ACK, fake, ACK_KEYS, [*args, "?flusher-b", "a", 1, "1"]) == -1  # on demand, but a holds it
     assert await fake.zscore(KEYS[1], "a") is not None
-    assert await scripts.LEASE_RELEASE(fake, [LEASE_KEY], ["flusher-b"]) == 0  # compare-and-delete
-    assert await scripts.ACK(fake, ACK_KEYS, [*args, "?flusher-a", "a", 1, "1"]) == 1  # on demand, by the holder
-    assert await scripts.LEASE_RELEASE(fake, [LEASE_KEY], ["flusher-a"]) == 1
-    assert await scripts.LEASE(fake, [LEASE_KEY], ["flusher-b", 5000]) == 1  # free again: b takes it
+    assert await _run(LEASE_RELEASE, fake, [LEASE_KEY], ["flusher-b"]) == 0  # compare-and-delete
+    assert await _run(ACK, fake, ACK_KEYS, [*args, "?flusher-a", "a", 1, "1"]) == 1  # on demand, by the holder
+    assert await _run(LEASE_RELEASE, fake, [LEASE_KEY], ["flusher-a"]) == 1
+    assert await _run(LEASE, fake, [LEASE_KEY], ["flusher-b", 5000]) == 1  # free again: b takes it
 
 
 async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakeredis.FakeAsyncRedis) -> None:
     counts = KEYS[2]
 
     async def count(now: int) -> int:
-        return int(await scripts.LIVE_COUNT(fake, [counts], [now, BUCKET]))
+        return int(await _run(LIVE_COUNT, fake, [counts], [now, BUCKET]))
 
     def keys(sid: str) -> list[str]:
         return [f"ts:{{p0}}:s:{sid}", KEYS[1], counts]
 
     for sid in ("a", "b", "c"):
-        assert (await scripts.ENSURE(fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
+        assert (await _run(ENSURE, fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
     assert await count(T) == 3
     # "a" slides its expiry into a later bucket: still one session
-    await scripts.TOUCH(fake, keys("a")[:1], [10_000, "1", BUCKET, "0", "0", T + 5_000, 0])
+    await _run(TOUCH, fake, keys("a")[:1], [10_000, "1", BUCKET, "0", "0", T + 5_000, 0])
     assert await count(T + 5_000) == 3
-    assert await scripts.REMOVE(fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
+    assert await _run(REMOVE, fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
     assert await count(T + 5_001) == 2
     # "c" expires at T + 10 s (counted until its bucket has passed), "a" at T + 15 s
     assert await count(T + 11_000) == 1
@@ -120,6 +126,6 @@ async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakere
     assert sorted(await fake.hkeys(counts)) == [b"lo", b"n"]  # the passed buckets are gone
     # ensure counts the same way against its limit (here: 1 session)
     limited = [*keys("d"), counts]
-    assert (await scripts.ENSURE(fake, limited, [T + 16_000, 10_000, "d", "1", "0", 0, 1, 0, BUCKET]))[0] == 2
+    assert (await _run(ENSURE, fake, limited, [T + 16_000, 10_000, "d", "1", "0", 0, 1, 0, BUCKET]))[0] == 2
     limited = [*keys("e"), counts]
-    assert await scripts.ENSURE(fake, limited, [T + 16_000, 10_000, "e", "1", "0", 0, 1, 0, BUCKET]) == [-1, 1]
+    assert await _run(ENSURE, fake, limited, [T + 16_000, 10_000, "e", "1", "0", 0, 1, 0, BUCKET]) == [-1, 1]

@@ -4,8 +4,9 @@ Two kinds, so that several processes exporting at once never double-count (docs/
 
 * **Per process** (every counter and histogram, and ``tiered_sessions_mode``): what this process did.
   Aggregate across processes with ``sum()`` (of ``rate()`` for counters).
-* **Global readings of Redis** (``GLOBAL_GAUGES``: flush lag, dirty sessions, live sessions, stored dead
-  letters): every process that refreshes them reads the same keys and exports the same value. Aggregate with
+* **Global readings of the tiers** (flush lag, dirty sessions, live sessions, stored dead letters from Redis;
+  journal entries pending from Postgres): every process that refreshes them reads the same keys and exports
+  the same value. Aggregate with
   ``max()``, never ``sum()``. A process that never refreshed them exports 0, which ``max()`` ignores.
 
 Everything is registered on prometheus_client's default ``REGISTRY``. A daemon that serves its own registry
@@ -91,7 +92,6 @@ DEAD_LETTERS_STORED = Gauge("tiered_sessions_dead_letters_stored",
 JOURNAL_PENDING = Gauge("tiered_sessions_journal_pending",
                         "Journal entries (writes taken while Redis was unreachable) not yet folded back into Redis. "
                         "Global reading of Postgres: aggregate with max().")
-GLOBAL_GAUGES = (FLUSH_LAG, DIRTY_SESSIONS, LIVE_SESSIONS, DEAD_LETTERS_STORED, JOURNAL_PENDING)
 
 
 def set_mode(mode: str) -> None:

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import NoScriptError
-
-if TYPE_CHECKING:
-    from .redis_client import RedisClient
 
 
 class LuaScript:
@@ -25,14 +19,6 @@ class LuaScript:
         self.source = "".join(lua.joinpath("lib", f"{lib}.lua").read_text() + "\n" for lib in uses) + \
             lua.joinpath(f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # A restarted or flushed Redis forgets scripts: load once, run again.
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 TOUCH = LuaScript("touch", uses=("live_counts",))
