@@ -13,15 +13,12 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 
 from .errors import InvalidSessionData, InvalidSessionId
-from .model import ACTIVE, CLOSED, REMOVED, Session
-
-if TYPE_CHECKING:
-    from .cold_tier import ColdRecord
+from .model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
 
 MAX_ID_LENGTH: Final = 255
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")

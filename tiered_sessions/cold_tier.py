@@ -4,7 +4,6 @@ recovery, and the seed's direct-service API (``save_session``, ``load_session``,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -20,7 +19,7 @@ import orjson
 from .codec import check_json, validate_attribute, validate_session_id
 from .config import Settings, redact_message, redact_url
 from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
-from .model import ACTIVE, STATES, Session
+from .model import ACTIVE, STATES, ColdRecord, Session
 
 log = logging.getLogger(__name__)
 
@@ -64,46 +63,6 @@ def load_sql(name: str, settings: Settings) -> str:
     columns = package.joinpath("select_columns.sql").read_text().split("\n", 1)[1].strip()
     return render_sql(package.joinpath(f"{name}.sql").read_text(), table=settings.qualified_table,
                       journal=settings.qualified_journal, layout=settings.qualified_layout, columns=columns)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ColdRecord:
-    """One row as read from Postgres (JSON left as text until needed)."""
-
-    session_id: str
-    data_json: str
-    state: str
-    user_id: str | None
-    user_type: str | None
-    ip_address: str | None
-    user_agent: str | None
-    created_at: float
-    last_activity: float
-    expires_at: float
-    request_count: int
-    total_duration_ms: int
-    metadata_json: str
-    version: int
-
-    @classmethod
-    def from_row(cls, row: bytes) -> ColdRecord:
-        """A row the flusher writes (JSON, as claim.lua builds it) as the record Postgres will hold."""
-        r = orjson.loads(row)
-        return cls(r["i"], orjson.dumps(r["d"]).decode(), r["s"], r.get("u"), r.get("ut"), r.get("ip"), r.get("ua"),
-                   r["c"] / 1000, r["la"] / 1000, r["ex"] / 1000, r["rc"], r["td"], orjson.dumps(r["m"]).decode(),
-                   r["v"])
-
-    def is_live(self, now: float) -> bool:
-        return self.state in ("active", "closed") and self.expires_at > now
-
-    def to_session(self) -> Session:
-        return Session(
-            session_id=self.session_id, created_at=self.created_at, last_activity=self.last_activity,
-            expires_at=self.expires_at, state=self.state, user_id=self.user_id, user_type=self.user_type,
-            ip_address=self.ip_address, user_agent=self.user_agent, request_count=self.request_count,
-            total_duration_ms=self.total_duration_ms, data=orjson.loads(self.data_json),
-            metadata=orjson.loads(self.metadata_json), version=self.version,
-        )
 
 
 class Refusal(NamedTuple):

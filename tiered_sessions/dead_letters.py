@@ -41,7 +41,7 @@ class DeadLetters:
         self.hot = hot
 
     def key(self, partition: int) -> str:
-        return self.hot.partition_prefix(partition) + "dead"
+        return self.hot.dead_letters_key(partition)
 
     async def record(self, row: DirtyEntry, reason: str) -> None:
         letter = DeadLetter(row.session_id, row.version, reason, time.time(),

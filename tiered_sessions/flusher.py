@@ -313,15 +313,9 @@ class Flusher:
 
     async def update_gauges(self) -> tuple[int, float]:
         """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
-        now_ms = codec.now_ms()
-        stats = await self.hot.stats(now_ms)
-        oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
-        lag = max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0
-        for partition, s in enumerate(stats):
-            metrics.DIRTY_SESSIONS.labels(str(partition)).set(s.dirty)
-        metrics.FLUSH_LAG.set(lag)
-        metrics.LIVE_SESSIONS.set(sum(s.live for s in stats))
-        return sum(s.dirty for s in stats), lag
+        reading = await self.hot.reading(codec.now_ms())
+        metrics.export(reading)
+        return reading.dirty_sessions, reading.flush_lag_seconds
 
     def _retrying(self, stop: asyncio.Event | None, deadline: float | None) -> AsyncRetrying:
         def should_stop(state: RetryCallState) -> bool:

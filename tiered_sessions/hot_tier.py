@@ -59,6 +59,20 @@ class PartitionStats:
     live: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TierReading:
+    """What Redis says of the whole tier at one moment: the same in every process that reads it."""
+
+    flush_lag_seconds: float  # age of the oldest dirty entry
+    dirty_per_partition: list[int]
+    live_sessions: int
+    dead_letters_stored: int | None  # None when not asked for
+
+    @property
+    def dirty_sessions(self) -> int:
+        return sum(self.dirty_per_partition)
+
+
 class HotTier:
     def __init__(self, client: RedisClient, settings: Settings) -> None:
         self.client = client
@@ -100,6 +114,9 @@ class HotTier:
 
     def counts_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "expiring"
+
+    def dead_letters_key(self, partition: int) -> str:
+        return self.partition_prefix(partition) + "dead"
 
     def lease_key(self, partition: int) -> str:
         return self.partition_prefix(partition) + "lease"
@@ -323,6 +340,19 @@ class HotTier:
         live = await self.live_counts(now_ms)
         return [PartitionStats(int(dirty), int(oldest[0][1]) if oldest else None, count)
                 for dirty, oldest, count in zip(replies[::2], replies[1::2], live, strict=True)]
+
+    async def reading(self, now_ms: int, *, dead_letters: bool = False) -> TierReading:
+        """Lag, backlog and live sessions (and the dead letters stored, if asked): the tier's one reading."""
+        stats = await self.stats(now_ms)
+        stored = None
+        if dead_letters:
+            pipe = self.client.pipeline(transaction=False)
+            for partition in range(self.partitions):
+                pipe.hlen(self.dead_letters_key(partition))
+            stored = sum(int(count) for count in await pipe.execute())
+        oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
+        return TierReading(max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0, [s.dirty for s in stats],
+                           sum(s.live for s in stats), stored)
 
     async def live_counts(self, now_ms: int) -> list[int]:
         """Live sessions per partition, exact to one expiry bucket (sessions that expired within now's bucket

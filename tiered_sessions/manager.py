@@ -39,7 +39,7 @@ from .errors import (
 )
 from .events import EventHub, Listener
 from .flusher import RETRYABLE, Flusher
-from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, DirtyEntry, HotTier
+from .hot_tier import CREATED, EXISTING, MISS, OVER_LIMIT, DirtyEntry, HotTier, TierReading
 from .journal import Journal
 from .layout import Layout
 from .locks import SessionLock
@@ -678,7 +678,7 @@ class SessionManager:
         if self.degraded is not None and self.degraded.active and self.store is not None:
             return self._metrics_from(await self.store.count_live(), None, None, mode="degraded")
         now_ms = codec.now_ms()
-        stats = await hot.stats(now_ms)
+        reading = await hot.reading(now_ms)
         ages: list[float] = []
         active = 0
         for created, state in (await hot.live_sessions(now_ms, [codec.CREATED, codec.STATE])).values():
@@ -686,9 +686,7 @@ class SessionManager:
                 continue
             ages.append((now_ms - int(created)) / 1000)
             active += state == codec.STATE_CODES[ACTIVE]
-        oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
-        metrics_now = self._metrics_from(len(ages), sum(s.dirty for s in stats),
-                                         max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0, mode="normal")
+        metrics_now = self._metrics_from(len(ages), reading.dirty_sessions, reading.flush_lag_seconds, mode="normal")
         metrics_now.update({
             "active_sessions": active,
             "oldest_session_age": max(ages, default=0.0),
@@ -714,6 +712,13 @@ class SessionManager:
             "mode": mode,
             "flusher_running": bool(self.settings.run_flusher and self.flusher is not None and not self._closed),
         }
+
+    @_backend_errors("tier_reading")
+    async def tier_reading(self) -> TierReading:
+        """Lag, backlog, live sessions and stored dead letters of the whole tier, as Redis says now (what
+        ``metrics.refresh`` exports)."""
+        hot = await self._ready()
+        return await hot.reading(codec.now_ms(), dead_letters=True)
 
     # -- rotation, per-user index, events -----------------------------------------------------------------
     @_backend_errors("rotate")

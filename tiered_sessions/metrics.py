@@ -16,20 +16,17 @@ by ``await refresh(manager)`` (the ``/metrics`` endpoint of ``tiered-sessions fl
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from . import codec
+from .hot_tier import TierReading
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
-
-    from .manager import SessionManager
 
 # -- per process --------------------------------------------------------------------------------------------
 FLUSHED_ROWS = Counter("tiered_sessions_flushed_rows_total",
@@ -158,32 +155,23 @@ def register(registry: CollectorRegistry) -> TierCollector:
     return collector
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TierReading:
-    flush_lag_seconds: float
-    dirty_sessions: int
-    live_sessions: int
-    dead_letters_stored: int
+class _ReadsTheTier(Protocol):
+    async def tier_reading(self) -> TierReading: ...
 
 
-async def refresh(manager: SessionManager) -> TierReading:
-    """Read the global gauges' values from Redis (two pipelined round trips) and set them. A daemon's own
-    ``/metrics`` handler can await this before rendering; the flusher also sets lag and backlog after each pass."""
-    dead_letters = await manager.dead_letters()
-    hot = dead_letters.hot
-    now_ms = codec.now_ms()
-    stats = await hot.stats(now_ms)
-    pipe = hot.client.pipeline(transaction=False)
-    for partition in range(hot.partitions):
-        pipe.hlen(dead_letters.key(partition))
-    stored = sum(int(count) for count in await pipe.execute())
-    oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
-    reading = TierReading(flush_lag_seconds=max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0,
-                          dirty_sessions=sum(s.dirty for s in stats), live_sessions=sum(s.live for s in stats),
-                          dead_letters_stored=stored)
-    for partition, s in enumerate(stats):
-        DIRTY_SESSIONS.labels(str(partition)).set(s.dirty)
+def export(reading: TierReading) -> None:
+    """Set the global gauges from one reading of the tier."""
+    for partition, dirty in enumerate(reading.dirty_per_partition):
+        DIRTY_SESSIONS.labels(str(partition)).set(dirty)
     FLUSH_LAG.set(reading.flush_lag_seconds)
     LIVE_SESSIONS.set(reading.live_sessions)
-    DEAD_LETTERS_STORED.set(stored)
+    if reading.dead_letters_stored is not None:
+        DEAD_LETTERS_STORED.set(reading.dead_letters_stored)
+
+
+async def refresh(manager: _ReadsTheTier) -> TierReading:
+    """Read the global gauges' values from Redis (two pipelined round trips) and set them. A daemon's own
+    ``/metrics`` handler can await this before rendering; the flusher also sets lag and backlog after each pass."""
+    reading = await manager.tier_reading()
+    export(reading)
     return reading

@@ -6,6 +6,8 @@ import dataclasses
 import time
 from typing import Any, Final
 
+import orjson
+
 ACTIVE: Final = "active"
 CLOSED: Final = "closed"
 EXPIRED: Final = "expired"
@@ -66,3 +68,43 @@ class Session:
         """Take ``other``'s values, keeping this object's identity (callers hold on to it)."""
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(other, field.name))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ColdRecord:
+    """One row as read from Postgres (JSON left as text until needed)."""
+
+    session_id: str
+    data_json: str
+    state: str
+    user_id: str | None
+    user_type: str | None
+    ip_address: str | None
+    user_agent: str | None
+    created_at: float
+    last_activity: float
+    expires_at: float
+    request_count: int
+    total_duration_ms: int
+    metadata_json: str
+    version: int
+
+    @classmethod
+    def from_row(cls, row: bytes) -> ColdRecord:
+        """A row the flusher writes (JSON, as claim.lua builds it) as the record Postgres will hold."""
+        r = orjson.loads(row)
+        return cls(r["i"], orjson.dumps(r["d"]).decode(), r["s"], r.get("u"), r.get("ut"), r.get("ip"), r.get("ua"),
+                   r["c"] / 1000, r["la"] / 1000, r["ex"] / 1000, r["rc"], r["td"], orjson.dumps(r["m"]).decode(),
+                   r["v"])
+
+    def is_live(self, now: float) -> bool:
+        return self.state in ("active", "closed") and self.expires_at > now
+
+    def to_session(self) -> Session:
+        return Session(
+            session_id=self.session_id, created_at=self.created_at, last_activity=self.last_activity,
+            expires_at=self.expires_at, state=self.state, user_id=self.user_id, user_type=self.user_type,
+            ip_address=self.ip_address, user_agent=self.user_agent, request_count=self.request_count,
+            total_duration_ms=self.total_duration_ms, data=orjson.loads(self.data_json),
+            metadata=orjson.loads(self.metadata_json), version=self.version,
+        )
