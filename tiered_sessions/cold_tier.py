@@ -102,6 +102,28 @@ def asyncpg_dsn(url: str, statement_cache_size: int | None) -> tuple[str, int]:
     return dsn, statement_cache_size
 
 
+def unreachable(url: str, exc: BaseException) -> PostgresUnavailable:
+    """The named error for a failed connection to ``url``: no password in it, and ``down`` when the server
+    did not answer (as opposed to answering no)."""
+    return PostgresUnavailable(f"cannot reach PostgreSQL at {redact_url(url)}: {type(exc).__name__}: "
+                               f"{redact_message(str(exc), url)}", down=isinstance(exc, DOWN_ERRORS))
+
+
+async def connect_once(settings: Settings) -> asyncpg.Connection:
+    """One connection to the database of ``settings`` (migrations, the stats watch): pooler-aware, bounded by
+    the socket timeout, ``PostgresUnavailable`` when it cannot be had."""
+    url = settings.database_url
+    if not url:
+        raise PostgresUnavailable("no PostgreSQL URL: set TIERED_SESSIONS_DATABASE_URL or DATABASE_URL")
+    dsn, cache_size = asyncpg_dsn(url, settings.pg_statement_cache_size)
+    try:
+        connection: asyncpg.Connection = await asyncpg.connect(dsn, statement_cache_size=cache_size,
+                                                               timeout=settings.socket_timeout_secs)
+    except CONNECT_ERRORS as exc:
+        raise unreachable(url, exc) from None
+    return connection
+
+
 class PostgresSessionStore:
     """The cold tier. ``async with PostgresSessionStore(url) as store: await store.load_session(id)``."""
 
@@ -149,10 +171,7 @@ class PostgresSessionStore:
                     await pool.close()
                     raise
             except CONNECT_ERRORS as exc:
-                raise PostgresUnavailable(
-                    f"cannot reach PostgreSQL at {redact_url(self.url)}: {type(exc).__name__}: "
-                    f"{redact_message(str(exc), self.url)}", down=isinstance(exc, DOWN_ERRORS)
-                ) from None
+                raise unreachable(self.url, exc) from None
             if not exists:
                 await pool.close()
                 raise MigrationError(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import asyncpg
 
-from .cold_tier import CONNECT_ERRORS, asyncpg_dsn, render_sql
-from .config import Settings, redact_message, redact_url
-from .errors import MigrationError, PostgresUnavailable
+from .cold_tier import connect_once, render_sql
+from .config import Settings
+from .errors import MigrationError
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
@@ -46,16 +46,8 @@ def render(sql: str, settings: Settings) -> str:
 async def migrate(settings: Settings, *, directory: Path | None = None,
                   on_applied: Callable[[str], None] | None = None) -> list[str]:
     """Apply pending migrations; returns the names applied (empty when up to date)."""
-    if not settings.database_url:
-        raise PostgresUnavailable("no PostgreSQL URL: set TIERED_SESSIONS_DATABASE_URL or DATABASE_URL")
     files = migration_files(directory)
-    dsn, cache_size = asyncpg_dsn(settings.database_url, settings.pg_statement_cache_size)
-    try:
-        connection = await asyncpg.connect(dsn, statement_cache_size=cache_size,
-                                           timeout=settings.socket_timeout_secs)
-    except CONNECT_ERRORS as exc:
-        raise PostgresUnavailable(f"cannot reach PostgreSQL at {redact_url(settings.database_url)}: "
-                                  f"{redact_message(str(exc), settings.database_url)}") from None
+    connection = await connect_once(settings)
     tracking = f'"{settings.schema}"."{settings.table}_migrations"'
     lock_key = f"tiered_sessions:{settings.schema}.{settings.table}"
     applied: list[str] = []

@@ -23,9 +23,9 @@ from rich.live import Live
 from rich.table import Table
 
 from . import metrics
-from .cold_tier import asyncpg_dsn
+from .cold_tier import connect_once
 from .config import Settings, redact_message, redact_url
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PostgresUnavailable
 from .manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,10 @@ class _RowsWritten:
             return None
         try:
             if self.connection is None or self.connection.is_closed():
-                dsn, cache = asyncpg_dsn(url, self.settings.pg_statement_cache_size)
-                self.connection = await asyncpg.connect(dsn, statement_cache_size=cache,
-                                                        timeout=self.settings.socket_timeout_secs)
+                self.connection = await connect_once(self.settings)
             value = await self.connection.fetchval(_ROWS_WRITTEN, self.settings.schema, self.settings.table,
                                                    timeout=self.settings.socket_timeout_secs)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (PostgresUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             problem = f"PostgreSQL at {redact_url(url)}: {type(exc).__name__}: {redact_message(str(exc), url)}"
             if problem != self.problem:
                 log.warning("throughput unknown: %s", problem)
