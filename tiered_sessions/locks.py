@@ -32,9 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import partition_of, validate_session_id
-from .config import redact_message, redact_url
-from .errors import ConfigurationError, LockLost, LockTimeout, RedisUnavailable
+from .errors import ConfigurationError, LockLost, LockTimeout
 from .hot_tier import HotTier
+from .redis_client import unavailable
 from .scripts import LuaScript
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ class SessionLock:
         try:
             return await self._hot.pipeline.evalsha(script, keys, args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            url = self._redis_url
-            raise RedisUnavailable(f"Redis at {redact_url(url)} failed during {operation}: "
-                                   f"{redact_message(str(exc), url)}") from exc
+            raise unavailable(self._redis_url, operation, exc) from exc
 
 
 __all__ = ["SessionLock"]

@@ -51,6 +51,7 @@ from .redis_client import (
     closed_under_the_call,
     is_unreachable,
     make_client,
+    unavailable,
 )
 from .supervisor import Supervisor
 
@@ -101,8 +102,7 @@ def _raise_named(manager: SessionManager, operation: str, exc: Exception) -> NoR
             manager.degraded.trip(exc)  # calls from now on write through to Postgres
         url = manager.settings.redis_url
         log.error("%s: Redis at %s failed: %s", operation, redact_url(url), redact_message(str(exc), url))
-        raise RedisUnavailable(f"Redis at {redact_url(url)} failed during {operation}: "
-                               f"{redact_message(str(exc), url)}") from exc
+        raise unavailable(url, operation, exc) from exc
     if isinstance(exc, TRANSIENT_ERRORS):
         metrics.BACKEND_ERRORS.labels("postgres", operation).inc()
         url = manager.settings.database_url

@@ -11,8 +11,8 @@ from redis.exceptions import ClusterError, RedisClusterException, RedisError, Sl
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import Settings
-from .errors import ConfigurationError
+from .config import Settings, redact_message, redact_url
+from .errors import ConfigurationError, RedisUnavailable
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -37,6 +37,11 @@ def closed_under_the_call(exc: BaseException) -> bool:
     instead of a ConnectionError (redis-py#4287, seen under load in a failover). The call may or may not have
     been applied, as with any lost connection."""
     return isinstance(exc, AttributeError | TypeError) and "'NoneType' object" in str(exc)
+
+
+def unavailable(url: str | None, operation: str, exc: BaseException) -> RedisUnavailable:
+    """The named error for a Redis call that failed on the connection: no password in it."""
+    return RedisUnavailable(f"Redis at {redact_url(url)} failed during {operation}: {redact_message(str(exc), url)}")
 
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
