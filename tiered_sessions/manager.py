@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Any, NoReturn, ParamSpec, Self, TypeVar
 
 import asyncpg
-from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -192,21 +191,15 @@ class SessionManager:
             if not settings.redis_url:
                 raise RedisUnavailable("no Redis URL: pass redis_url or set TIERED_SESSIONS_REDIS_URL or REDIS_URL")
             client = make_client(settings)
+            hot = HotTier(client, settings)
             try:
                 await client.ping()  # on a cluster: every node; the first command also maps the slots
-                if isinstance(client, RedisCluster):
-                    for script in scripts.ALL:  # SCRIPT LOAD goes to every primary
-                        await client.script_load(script.source)
-                else:
-                    load = client.pipeline(transaction=False)
-                    for script in scripts.ALL:
-                        load.script_load(script.source)
-                    await load.execute()
+                await hot.pipeline.load_scripts(scripts.ALL)
             except REDIS_ERRORS as exc:
+                await hot.pipeline.aclose()
                 await client.aclose()
                 raise RedisUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: "
                                        f"{redact_message(str(exc), settings.redis_url)}") from None
-            hot = HotTier(client, settings)
             store: PostgresSessionStore | None = None
             try:
                 store = PostgresSessionStore(settings=settings) if settings.enable_persistence else None

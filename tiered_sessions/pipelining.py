@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from hiredis import pack_command
@@ -199,13 +199,24 @@ class AutoPipeline:
                               lane: int) -> list[Any]:
         retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if retry:
-            scripts = {script.sha: script for i in retry if (script := calls[i][1]) is not None}
-            for script in scripts.values():
-                await self.client.script_load(script.source)
+            await self.load_scripts({script.sha: script for i in retry if (script := calls[i][1]) is not None}
+                                    .values())
             again = await self._execute([calls[i][0] for i in retry], lane)
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
         return results
+
+    async def load_scripts(self, scripts: Iterable[LuaScript]) -> None:
+        """SCRIPT LOAD each script (on a cluster, into every primary), in one round trip on one Redis: at start,
+        and after a NOSCRIPT reply (Redis restarted or flushed)."""
+        if isinstance(self.client, RedisCluster):
+            for script in scripts:
+                await self.client.script_load(script.source)
+            return
+        load = self.client.pipeline(transaction=False)
+        for script in scripts:
+            load.script_load(script.source)
+        await load.execute()
 
     async def run_scripts(self, calls: Sequence[tuple[LuaScript, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Many script calls in one round trip (the flusher's claims and acks, recovery's warms); raises the
