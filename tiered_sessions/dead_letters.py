@@ -19,6 +19,7 @@ from . import codec, metrics
 from .codec import hash_from_record, partition_of
 from .cold_tier import ColdRecord
 from .hot_tier import DirtyEntry, HotTier
+from .redis_client import executed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class DeadLetters:
         for partition in range(self.hot.partitions):
             pipe.hgetall(self.key(partition))
         letters = []
-        for stored in await pipe.execute():
+        for stored in await executed(pipe.execute()):
             for raw in stored.values():
                 item = orjson.loads(raw)
                 letters.append(DeadLetter(item["session_id"], item["version"], item["reason"],

@@ -24,7 +24,7 @@ from . import codec, scripts
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
 from .pipelining import AutoPipeline
-from .redis_client import RedisClient
+from .redis_client import RedisClient, executed
 
 # Ensure statuses (ensure.lua's first reply element).
 EXISTING, CREATED, MISS, OVER_LIMIT = 1, 2, 0, -1
@@ -324,7 +324,7 @@ class HotTier:
         pipe.zadd(self.flushers_key, {flusher_id: now_ms})
         pipe.zremrangebyscore(self.flushers_key, "-inf", now_ms - forget_ms)
         pipe.zrangebyscore(self.flushers_key, now_ms - live_ms, "+inf")
-        replies = await pipe.execute()
+        replies = await executed(pipe.execute())
         return [member.decode() for member in replies[2]]
 
     async def leave(self, flusher_id: str) -> None:
@@ -336,7 +336,7 @@ class HotTier:
         for p in range(self.partitions):
             pipe.zcard(self.dirty_key(p))
             pipe.zrange(self.dirty_key(p), 0, 0, withscores=True)
-        replies = await pipe.execute()
+        replies = await executed(pipe.execute())
         live = await self.live_counts(now_ms)
         return [PartitionStats(int(dirty), int(oldest[0][1]) if oldest else None, count)
                 for dirty, oldest, count in zip(replies[::2], replies[1::2], live, strict=True)]
@@ -349,7 +349,7 @@ class HotTier:
             pipe = self.client.pipeline(transaction=False)
             for partition in range(self.partitions):
                 pipe.hlen(self.dead_letters_key(partition))
-            stored = sum(int(count) for count in await pipe.execute())
+            stored = sum(int(count) for count in await executed(pipe.execute()))
         oldest = [s.oldest_dirty_ms for s in stats if s.oldest_dirty_ms is not None]
         return TierReading(max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0, [s.dirty for s in stats],
                            sum(s.live for s in stats), stored)
@@ -367,7 +367,7 @@ class HotTier:
         pipe = self.client.pipeline(transaction=False)
         for p in range(self.partitions):
             pipe.zcard(self.dirty_key(p))
-        return sum(int(count) for count in await pipe.execute())
+        return sum(int(count) for count in await executed(pipe.execute()))
 
     async def live_sessions(self, now_ms: int, fields: Sequence[bytes] = (), page: int = 1000
                             ) -> dict[str, list[bytes | None]]:
@@ -392,4 +392,4 @@ class HotTier:
         pipe = self.client.pipeline(transaction=False)
         for session_id in session_ids:
             pipe.hmget(self.keys(session_id).session, list(fields))
-        return list(await pipe.execute())
+        return list(await executed(pipe.execute()))

@@ -248,7 +248,7 @@ class SessionManager:
         """At start, fold back what a process left in the journal (whoever wrote it); a failure here is left
         to the flushers' passes, which fold it too."""
         try:
-            await journal.replay(wait=False)
+            await journal.replay_pending()
         except RETRYABLE as exc:
             metrics.BACKEND_ERRORS.labels("postgres", "replay").inc()
             log.warning("could not fold the journal back into Redis at start (%s); the flushers retry it",
@@ -706,7 +706,6 @@ class SessionManager:
             "flusher_running": bool(self.settings.run_flusher and self.flusher is not None and not self._closed),
         }
 
-    @_backend_errors("tier_reading")
     async def tier_reading(self) -> TierReading:
         """Lag, backlog, live sessions and stored dead letters of the whole tier, as Redis says now (what
         ``metrics.refresh`` exports)."""

@@ -25,13 +25,12 @@ from typing import Any
 
 from hiredis import pack_command
 from redis.asyncio import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import now_ms
 from .pipelined_connection import PipelinedConnection
-from .redis_client import RedisClient, closed_under_the_call
+from .redis_client import RedisClient, executed
 from .scripts import LuaScript
 
 log = logging.getLogger(__name__)
@@ -216,7 +215,7 @@ class AutoPipeline:
         load = self.client.pipeline(transaction=False)
         for script in scripts:
             load.script_load(script.source)
-        await load.execute()
+        await executed(load.execute())
 
     async def run_scripts(self, calls: Sequence[tuple[LuaScript, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Many script calls in one round trip (the flusher's claims and acks, recovery's warms); raises the
@@ -305,14 +304,9 @@ class AutoPipeline:
             pipe.execute_command(*args)
         try:
             async with asyncio.timeout(self.timeout):
-                results: list[Any] = await pipe.execute(raise_on_error=False)
+                return await executed(pipe.execute(raise_on_error=False))
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from the Redis Cluster within {self.timeout}s") from None
-        except (AttributeError, TypeError) as exc:
-            if not closed_under_the_call(exc):
-                raise
-            raise RedisConnectionError(f"the Redis Cluster client closed this call's connection: {exc}") from exc
-        return results
 
 
 def pack(args: tuple[Any, ...]) -> bytes:

@@ -4,7 +4,8 @@ which follows MOVED/ASK and refreshes its slot map after a failover."""
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Awaitable
+from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException, RedisError, SlotNotCoveredError, TryAgainError
@@ -37,6 +38,17 @@ def closed_under_the_call(exc: BaseException) -> bool:
     instead of a ConnectionError (redis-py#4287, seen under load in a failover). The call may or may not have
     been applied, as with any lost connection."""
     return isinstance(exc, AttributeError | TypeError) and "'NoneType' object" in str(exc)
+
+
+async def executed(pipeline: Awaitable[list[Any]]) -> list[Any]:
+    """Await a redis-py pipeline's ``execute()``: a connection the cluster client closed under it (see
+    ``closed_under_the_call``) raises the ConnectionError it is, so every caller's error handling sees one."""
+    try:
+        return list(await pipeline)
+    except (AttributeError, TypeError) as exc:
+        if not closed_under_the_call(exc):
+            raise
+        raise RedisConnectionError(f"the Redis Cluster client closed this call's connection: {exc}") from exc
 
 
 def unavailable(url: str | None, operation: str, exc: BaseException) -> RedisUnavailable:

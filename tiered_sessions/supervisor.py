@@ -38,10 +38,6 @@ class Supervisor:
             return
         self._tasks[name] = asyncio.get_running_loop().create_task(self._supervise(name, work), name=f"ts-{name}")
 
-    def running(self, name: str) -> bool:
-        task = self._tasks.get(name)
-        return task is not None and not task.done() and name not in self._down
-
     def down(self) -> dict[str, str]:
         """The tasks that died and wait to be restarted, with the error each died of."""
         return dict(self._down)
@@ -75,7 +71,10 @@ class Supervisor:
                 log.warning("background task %s did not stop within %.1fs: cancelled", task.get_name(), timeout)
                 task.cancel()
             if late:
-                await asyncio.wait(late, timeout=timeout)
+                _, stuck = await asyncio.wait(late, timeout=timeout)
+                for task in stuck:  # its driver call ignores cancellation: say so instead of waiting forever
+                    log.error("background task %s ignored its cancellation for %.1fs; left behind",
+                              task.get_name(), timeout)
         for task in self._tasks.values():
             if task.done() and not task.cancelled() and task.exception() is not None:  # not supervised: a bug here
                 log.error("background task %s ended with %r", task.get_name(), task.exception())
