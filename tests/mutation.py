@@ -119,6 +119,12 @@ MUTANTS = (
            "                except REDIS_ERRORS as exc:  # its key or its slot; a Postgres failure fails the pass\n",
            "                except ZeroDivisionError as exc:\n",
            ("tests/test_seams.py::test_a_broken_partition_holds_back_only_itself",)),
+    Mutant("background-read-race-unnamed", "a connection closed under a background read is a connection error",
+           "tiered_sessions/hot_tier.py",
+           "            pipe.zcard(self.dirty_key(p))\n"
+           "        return sum(int(count) for count in await executed(pipe.execute()))",
+           "            pipe.zcard(self.dirty_key(p))\n        return sum(int(count) for count in await pipe.execute())",
+           ("tests/test_seams.py::test_a_connection_closed_under_a_background_read_is_a_connection_error",)),
     Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
            "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
            "if state_and_expiry[1] ~= 'a' then return -1 end", ("tests/test_promises.py",)),

@@ -25,7 +25,7 @@ from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.migrate import migrate
 
 from . import ops_helpers as ops
-from .helpers import pg_row
+from .helpers import pg_row, until
 from .test_cli import _cli, _env
 
 
@@ -613,3 +613,27 @@ async def test_a_broken_partition_holds_back_only_itself(settings: Settings, red
         await ops.wait_for(all_flushed, "the healthy partitions to flush", timeout=10)
         assert asyncio.get_running_loop().time() - started < 3
         await redis.delete(broken)
+
+
+async def test_a_connection_closed_under_a_background_read_is_a_connection_error(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The client's stray AttributeError (a connection closed under a pipeline, as redis-py's cluster client does
+    when it re-maps) reaches the backlog poll as the connection error it is: counted and retried, not a death."""
+    from redis.asyncio.client import Pipeline
+
+    real_execute = Pipeline.execute
+    broken = [AttributeError("'NoneType' object has no attribute 'writelines'")]
+
+    async def execute_closed_once(self: Pipeline, *args: Any, **kwargs: Any) -> list[Any]:
+        if broken:
+            raise broken.pop()
+        return await real_execute(self, *args, **kwargs)
+
+    restarts = REGISTRY.get_sample_value("tiered_sessions_task_restarts_total", {"task": "backlog"}) or 0.0
+    async with SessionManager(settings=settings, run_flusher=False, backlog_poll_secs=0.02) as manager:
+        await manager.ensure("polled")
+        monkeypatch.setattr(Pipeline, "execute", execute_closed_once)
+        await until(lambda: not broken)
+        await until(lambda: manager.backlog == 1)  # the poll went on
+    assert (REGISTRY.get_sample_value("tiered_sessions_task_restarts_total", {"task": "backlog"}) or 0.0) == restarts
+    assert any("cannot read the backlog" in r.getMessage() for r in caplog.records)
