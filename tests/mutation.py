@@ -123,7 +123,8 @@ MUTANTS = (
            "tiered_sessions/hot_tier.py",
            "            pipe.zcard(self.dirty_key(p))\n"
            "        return sum(int(count) for count in await executed(pipe.execute()))",
-           "            pipe.zcard(self.dirty_key(p))\n        return sum(int(count) for count in await pipe.execute())",
+           "            pipe.zcard(self.dirty_key(p))\n"
+           "        return sum(int(count) for count in await pipe.execute())",
            ("tests/test_seams.py::test_a_connection_closed_under_a_background_read_is_a_connection_error",)),
     Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
            "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
