@@ -37,10 +37,10 @@ def _flusher_worker(settings: Settings, ready: MpEvent, go: MpEvent, done: MpEve
 async def _flusher_main(settings: Settings, ready: MpEvent, go: MpEvent, done: MpEvent) -> None:
     async with SessionManager(settings=settings, run_flusher=False) as manager:
         flusher = manager.flusher
-        assert flusher is not None and manager._hot is not None
+        assert flusher is not None and manager._tiers is not None
         # Heartbeat before the start, so every flusher counts the others from its first pass (fair shares).
-        await manager._hot.heartbeat(flusher.flusher_id, int(time.time() * 1000), flusher.lease_ms,
-                                     3 * flusher.lease_ms)
+        await manager._tiers.hot.heartbeat(flusher.flusher_id, int(time.time() * 1000), flusher.lease_ms,
+                                           3 * flusher.lease_ms)
         ready.set()
         await asyncio.to_thread(go.wait)
         stop = asyncio.Event()

@@ -45,7 +45,7 @@ async def test_a_combined_call_fails_only_the_session_at_fault(manager: SessionM
                                                                redis: aioredis.Redis) -> None:
     ids = [f"c-{i}" for i in range(20)]
     await asyncio.gather(*(manager.ensure(sid) for sid in ids))
-    broken = manager._hot.keys("c-7").session  # type: ignore[union-attr]
+    broken = manager._tiers.hot.keys("c-7").session  # type: ignore[union-attr]
     await redis.delete(broken)
     await redis.set(broken, "not a hash")
     results = await asyncio.gather(*(manager.update_activity(sid, 3) for sid in ids), return_exceptions=True)

@@ -174,3 +174,20 @@ async def test_cleanup_reports_sessions_that_expired_after_their_flush(settings:
         assert await manager.cleanup_stale_sessions() >= 1
         await asyncio.sleep(0.05)
     assert "lapses" in expired
+
+
+async def test_events_of_the_final_drain_are_delivered_before_close_returns(settings: Settings) -> None:
+    """close() drains what its flusher owns: the tombstones it writes then fire ``removed`` before it returns,
+    not in tasks left to a loop that may be closing."""
+    removed: list[str] = []
+    manager = SessionManager(settings=settings, flush_interval_secs=3600)  # nothing flushed before close
+
+    @manager.on_removed
+    async def record(event: SessionEvent) -> None:
+        await asyncio.sleep(0.2)  # a listener that takes a while (a webhook, say)
+        removed.append(event.session_id)
+
+    await manager.ensure("drained-at-close")
+    await manager.remove("drained-at-close")
+    await manager.close()
+    assert removed == ["drained-at-close"]

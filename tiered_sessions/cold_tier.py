@@ -16,39 +16,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from ._failures import POSTGRES_CONNECT, POSTGRES_DOWN
 from .codec import check_json, validate_attribute, validate_session_id
 from .config import Settings, redact_message, redact_url
 from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
 from .model import ACTIVE, STATES, ColdRecord, Session
 
 log = logging.getLogger(__name__)
-
-# Errors worth retrying: the server or the network, not the statement.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.QueryCanceledError,  # statement_timeout on a busy server
-)
-# The server does not answer (yet): a start during an outage waits for it. Anything else it said (TLS refused,
-# authentication, no such database) is a configuration to fix.
-DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    ConnectionRefusedError,
-    ConnectionResetError,
-    asyncio.TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-)
-# Connecting can also fail on the server's word (bad database, auth): report it as unreachable too.
-CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
-
 
 _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
 
@@ -106,7 +80,7 @@ def unreachable(url: str, exc: BaseException) -> PostgresUnavailable:
     """The named error for a failed connection to ``url``: no password in it, and ``down`` when the server
     did not answer (as opposed to answering no)."""
     return PostgresUnavailable(f"cannot reach PostgreSQL at {redact_url(url)}: {type(exc).__name__}: "
-                               f"{redact_message(str(exc), url)}", down=isinstance(exc, DOWN_ERRORS))
+                               f"{redact_message(str(exc), url)}", down=isinstance(exc, POSTGRES_DOWN))
 
 
 async def connect_once(settings: Settings) -> asyncpg.Connection:
@@ -119,7 +93,7 @@ async def connect_once(settings: Settings) -> asyncpg.Connection:
     try:
         connection: asyncpg.Connection = await asyncpg.connect(dsn, statement_cache_size=cache_size,
                                                                timeout=settings.socket_timeout_secs)
-    except CONNECT_ERRORS as exc:
+    except POSTGRES_CONNECT as exc:
         raise unreachable(url, exc) from None
     return connection
 
@@ -170,7 +144,7 @@ class PostgresSessionStore:
                 except BaseException:
                     await pool.close()
                     raise
-            except CONNECT_ERRORS as exc:
+            except POSTGRES_CONNECT as exc:
                 raise unreachable(self.url, exc) from None
             if not exists:
                 await pool.close()
@@ -313,6 +287,33 @@ class PostgresSessionStore:
                                  "run `tiered-sessions migrate`") from None
         return {row[0]: row[1] for row in rows}
 
+    # -- written through while Redis is unreachable (each statement journals its write) --------------------
+    async def create_through(self, session_id: str, data: Mapping[str, Any], metadata: Mapping[str, Any],
+                             attributes: Mapping[str, str | None], timeout_secs: float) -> None:
+        """A new life for a session Postgres does not hold alive (a live one is left as it is)."""
+        pool = await self.ready_pool()
+        await pool.fetchval(self.sql["degraded_create"], session_id, orjson.dumps(data).decode(),
+                            orjson.dumps(metadata).decode(), *_attribute_args(attributes), timeout_secs)
+
+    async def touch_through(self, session_id: str, duration_ms: int, timeout_secs: float) -> bool:
+        """Count a request of a live session; False if it is not live."""
+        pool = await self.ready_pool()
+        return await pool.fetchval(self.sql["degraded_touch"], session_id, duration_ms, timeout_secs) is not None
+
+    async def merge_through(self, session_id: str, data: Mapping[str, Any], metadata: Mapping[str, Any],
+                            attributes: Mapping[str, str | None], state: str | None, max_bytes: int) -> int | None:
+        """Merge top-level keys into a live session; its new version, or None if it is not live or the merge
+        would pass ``max_bytes``."""
+        pool = await self.ready_pool()
+        version = await pool.fetchval(self.sql["degraded_merge"], session_id, orjson.dumps(data).decode(),
+                                      orjson.dumps(metadata).decode(), *_attribute_args(attributes), state,
+                                      max_bytes)
+        return None if version is None else int(version)
+
+    async def remove_through(self, session_id: str) -> None:
+        pool = await self.ready_pool()
+        await pool.fetchval(self.sql["degraded_remove"], session_id)
+
     # -- the journal (writes taken while Redis was unreachable) --------------------------------------------
     async def journal_pending(self) -> int:
         pool = await self.ready_pool()
@@ -362,6 +363,10 @@ class PostgresSessionStore:
         await self.mark_expired()
         pool = await self.ready_pool()
         return _rowcount(await pool.execute(self.sql["purge"], older_than_days))
+
+
+def _attribute_args(attributes: Mapping[str, str | None]) -> tuple[str | None, ...]:
+    return tuple(attributes.get(name) for name in ("user_id", "user_type", "ip_address", "user_agent"))
 
 
 def _rowcount(status: str) -> int:

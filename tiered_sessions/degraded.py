@@ -1,7 +1,8 @@
 """Degraded mode: when Redis stops answering, serve from Postgres and come back to Redis safely.
 
-A circuit breaker opens on the first Redis connection error. While it is open, every write goes through to
-Postgres and is journaled in the same statement (``<table>_journal``); reads come from Postgres. A probe pings
+A circuit breaker opens on the first Redis connection error. While it is open, calls are served by
+``_backends.postgres``: every write goes through to Postgres and is journaled in the same statement
+(``<table>_journal``); reads come from Postgres. A probe pings
 Redis every ``redis_probe_interval_secs``; when it answers, the journal is replayed onto Redis (see
 ``journal``) and only then does the breaker close. Replay applies an entry only to a copy that does not
 already include it (the hash field ``jv`` holds the newest Postgres version folded in), so:
@@ -17,28 +18,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
-
-import orjson
-from redis.asyncio import Redis
 
 from . import metrics
-from .cold_tier import TRANSIENT_ERRORS, ColdRecord
+from ._failures import BACKGROUND
 from .config import Settings
 from .hot_tier import HotTier
 from .journal import Journal
-from .model import CLOSED
-from .redis_client import REDIS_ERRORS
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-_PROBE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError, *TRANSIENT_ERRORS)
 
 
 class DegradedMode:
     def __init__(self, hot: HotTier, journal: Journal, settings: Settings, worker: Supervisor) -> None:
         self.hot = hot
-        self.store = journal.store
         self.journal = journal
         self.settings = settings
         self.worker = worker  # runs the probe: restarted if it dies, whatever it met
@@ -75,17 +68,14 @@ class DegradedMode:
                 # Every partition's slot must answer: on a cluster, PING reaches one node, which says nothing
                 # of the master that died.
                 await self.hot.dirty_total()
-                # Pooled connections from before the outage are dead: drop the idle ones now, or each would
-                # fail once on first use and trip the breaker again.
-                if isinstance(self.hot.client, Redis):  # the cluster client reconnects per node by itself
-                    await self.hot.client.connection_pool.disconnect(inuse_connections=False)
-            except _PROBE_ERRORS as exc:
+                await self.hot.drop_idle_connections()
+            except BACKGROUND as exc:
                 metrics.BACKEND_ERRORS.labels("redis", "probe").inc()
                 log.debug("Redis still unavailable: %s", exc)
                 continue
             try:
                 replayed = await self.journal.replay(wait=True) or 0
-            except _PROBE_ERRORS as exc:
+            except BACKGROUND as exc:
                 metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
                 log.warning("Redis answers but the journal replay failed (%s); staying in degraded mode, "
                             "trying again", exc)
@@ -100,7 +90,7 @@ class DegradedMode:
                     await asyncio.wait_for(self.idle.wait(), self.settings.socket_timeout_secs * 2)
                 try:
                     replayed += await self.journal.replay(wait=True) or 0
-                except _PROBE_ERRORS as exc:
+                except BACKGROUND as exc:
                     metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
                     log.warning("journal replay failed while switching back (%s); staying in degraded mode", exc)
                     continue
@@ -122,11 +112,7 @@ class DegradedMode:
                 await asyncio.wait_for(self.resumed.wait(), self.settings.socket_timeout_secs * 4)
         return self.active
 
-    # -- write-through operations -------------------------------------------------------------------------
-    async def load(self, sid: str) -> ColdRecord | None:
-        record = await self.store.fetch(sid)
-        return record if record is not None and record.is_live(time.time()) else None
-
+    # -- write-through calls under way ------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
         """Mark a write-through call as under way (see ``in_flight``)."""
@@ -138,50 +124,6 @@ class DegradedMode:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-
-    async def ensure(self, sid: str, fresh: bool, data: dict[str, Any], metadata: dict[str, Any],
-                     attributes: dict[str, str | None]) -> ColdRecord:
-        async with self.writing():
-            return await self._ensure(sid, fresh, data, metadata, attributes)
-
-    async def _ensure(self, sid: str, fresh: bool, data: dict[str, Any], metadata: dict[str, Any],
-                      attributes: dict[str, str | None]) -> ColdRecord:
-        if not fresh:
-            record = await self.load(sid)
-            if record is not None:
-                return record
-        pool = await self.store.ready_pool()
-        await pool.fetchval(self.store.sql["degraded_create"], sid, orjson.dumps(data).decode(),
-                            orjson.dumps(metadata).decode(), attributes.get("user_id"),
-                            attributes.get("user_type"), attributes.get("ip_address"),
-                            attributes.get("user_agent"), self.settings.session_timeout_secs)
-        record = await self.load(sid)  # created now, or by someone else a moment ago
-        assert record is not None
-        return record
-
-    async def touch(self, sid: str, duration_ms: int) -> bool:
-        async with self.writing():
-            pool = await self.store.ready_pool()
-            version = await pool.fetchval(self.store.sql["degraded_touch"], sid, duration_ms,
-                                          self.settings.session_timeout_secs)
-        return version is not None
-
-    async def merge(self, sid: str, data: dict[str, Any], metadata: dict[str, Any],
-                    attributes: dict[str, str | None], closed: bool | None) -> int | None:
-        """The new version, or None if the session is not live or the merge would pass the size limit."""
-        state = None if closed is None else (CLOSED if closed else "active")
-        async with self.writing():
-            pool = await self.store.ready_pool()
-            version = await pool.fetchval(
-                self.store.sql["degraded_merge"], sid, orjson.dumps(data).decode(),
-                orjson.dumps(metadata).decode(), attributes.get("user_id"), attributes.get("user_type"),
-                attributes.get("ip_address"), attributes.get("user_agent"), state, self.settings.max_session_bytes)
-        return None if version is None else int(version)
-
-    async def remove(self, sid: str) -> None:
-        async with self.writing():
-            pool = await self.store.ready_pool()
-            await pool.fetchval(self.store.sql["degraded_remove"], sid)
 
     async def pending(self) -> int:
         return await self.journal.pending()

@@ -17,7 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from . import metrics
-from .model import Session
+from .hot_tier import DirtyEntry
+from .model import ColdRecord, Session
 
 log = logging.getLogger(__name__)
 KINDS = ("created", "removed", "expired")
@@ -34,12 +35,16 @@ Listener = Callable[[SessionEvent], Awaitable[None]]
 
 
 class EventHub:
+    """Events wait in a queue; the worker's ``events`` task hands each to its listeners (one task per listener,
+    so a slow one holds up no other). ``drain`` delivers what is left at close."""
+
     def __init__(self) -> None:
         self.listeners: dict[str, list[Listener]] = {kind: [] for kind in KINDS}
+        self._queue: asyncio.Queue[SessionEvent | None] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()
 
     def subscribe(self, kind: str, listener: Listener) -> Listener:
-        if not asyncio.iscoroutinefunction(listener) and not callable(listener):
+        if not callable(listener):
             raise TypeError("a listener must be an async callable taking a SessionEvent")
         self.listeners[kind].append(listener)
         return listener
@@ -48,8 +53,25 @@ class EventHub:
         return bool(self.listeners[kind])
 
     def emit(self, kind: str, session_id: str, session: Session | None) -> None:
-        event = SessionEvent(kind, session_id, session)
-        for listener in self.listeners[kind]:
+        if self.listeners[kind]:
+            self._queue.put_nowait(SessionEvent(kind, session_id, session))
+
+    def row_written(self, row: DirtyEntry) -> None:
+        """The flusher wrote a tombstone or an expired row: ``removed`` or ``expired``."""
+        kind = "removed" if row.kind == "tombstone" else "expired"
+        if self.listeners[kind]:
+            self.emit(kind, row.session_id, ColdRecord.from_row(row.row).to_session())
+
+    async def deliver(self) -> None:
+        """Hand events to their listeners as they come, until ``stop_delivery`` (the worker runs this)."""
+        while (event := await self._queue.get()) is not None:
+            self._dispatch(event)
+
+    def stop_delivery(self) -> None:
+        self._queue.put_nowait(None)
+
+    def _dispatch(self, event: SessionEvent) -> None:
+        for listener in self.listeners[event.kind]:
             task = asyncio.get_running_loop().create_task(self._deliver(listener, event))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -62,6 +84,13 @@ class EventHub:
             log.exception("%s listener failed for session %s", event.kind, event.session_id)
 
     async def drain(self, timeout: float) -> None:
-        """Let deliveries in flight finish (close() calls this)."""
+        """Deliver what is still queued and let deliveries in flight finish within ``timeout`` (at close)."""
+        while not self._queue.empty():
+            event = self._queue.get_nowait()
+            if event is not None:
+                self._dispatch(event)
         if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout)
+            _, late = await asyncio.wait(set(self._running), timeout=timeout)
+            for task in late:
+                log.warning("an event listener did not finish within %.1fs of close: cancelled", timeout)
+                task.cancel()

@@ -23,26 +23,18 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
-import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from . import codec, metrics
-from .cold_tier import TRANSIENT_ERRORS, PostgresSessionStore, Refusal
+from ._failures import POSTGRES_ERRORS, REDIS_ERRORS, RETRYABLE, ROW_ERRORS
+from .cold_tier import PostgresSessionStore, Refusal
 from .config import Settings
 from .dead_letters import DeadLetters
-from .errors import PostgresUnavailable
 from .hot_tier import DirtyEntry, HotTier
 from .journal import Journal
-from .redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
-# Postgres rejected the row itself (SQLSTATE classes 22 and 23): isolate it, don't retry it.
-ROW_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-# Anything else (servers down, a dropped table, missing rights) is retried with backoff until fixed:
-# the sessions stay dirty in Redis meanwhile, and the flusher never dies of it.
-_POSTGRES_ERRORS: tuple[type[BaseException], ...] = (PostgresUnavailable, asyncpg.PostgresError, *TRANSIENT_ERRORS)
-RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, *_POSTGRES_ERRORS)
 # The longest pause between attempts: flushing resumes within about this long after a server is back.
 MAX_BACKOFF_SECS = 2.0
 
@@ -504,7 +496,7 @@ class _Outage:
         kind = type(error).__name__ if error else "unknown"
         metrics.FLUSH_ERRORS.labels(kind).inc()
         metrics.FLUSH_RETRIES.inc()
-        backend = "PostgreSQL" if isinstance(error, _POSTGRES_ERRORS) else "Redis"
+        backend = "PostgreSQL" if isinstance(error, POSTGRES_ERRORS) else "Redis"
         delay = state.next_action.sleep if state.next_action else 0.0
         self.attempts += 1
         if self.since is None:

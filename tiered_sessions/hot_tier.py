@@ -18,16 +18,14 @@ import dataclasses
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 
-from . import codec, scripts
+from . import _replies, codec, scripts
+from ._replies import Reply
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
 from .pipelining import AutoPipeline
 from .redis_client import RedisClient, executed
-
-# Ensure statuses (ensure.lua's first reply element).
-EXISTING, CREATED, MISS, OVER_LIMIT = 1, 2, 0, -1
 
 
 class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to build than a dataclass
@@ -147,7 +145,7 @@ class HotTier:
 
     def touch(self, session_id: str, duration_ms: int, counters: bool = False,
               journal_version: int | None = None) -> Awaitable[int | list[int]]:
-        """Replies 0 (not in Redis), -1 (gone), -3 (replayed already), or the new version (> 0); with
+        """Replies ``Status.MISSING``, ``GONE``, ``REPLAYED`` (as their numbers), or the new version (> 0); with
         ``counters``, ``[version, requests, duration, now_ms]`` instead of the version. The touch's time is
         when the pipeline sends it (calls in one loop turn share it).
 
@@ -163,8 +161,7 @@ class HotTier:
                                       slot)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
-                     max_sessions: int | None, size: int, pairs: Sequence[bytes | str]
-                     ) -> tuple[int, dict[bytes, bytes] | int]:
+                     max_sessions: int | None, size: int, pairs: Sequence[bytes | str]) -> Reply:
         keys = self.keys(session_id)
         all_keys = [keys.session, keys.dirty, keys.counts]
         limit_arg = max_sessions or 0
@@ -180,25 +177,22 @@ class HotTier:
             [now_ms, self.timeout_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
              limit_arg, size, self.bucket_ms, *pairs],
         )
-        status = int(reply[0])
-        if status in (EXISTING, CREATED):
-            return status, pairs_to_dict(reply[1])
-        return status, int(reply[1]) if len(reply) > 1 else 0
+        return _replies.ensure(reply)
 
     async def update(self, session_id: str, now_ms: int, *, state: bytes, pairs: Sequence[bytes],
                      attributes: Sequence[bytes | str], unset: Sequence[bytes] = (),
                      guards: Sequence[bytes] = (), expected_version: int | None = None,
-                     journal_version: int | None = None) -> int | list[int]:
+                     journal_version: int | None = None) -> Reply:
         """``pairs``/``guards`` are flat field, value lists; a guard's value ``b""`` means "field absent"."""
         keys = self.keys(session_id)
-        result: int | list[int] = await self.pipeline.evalsha(
+        reply = await self.pipeline.evalsha(
             scripts.UPDATE, [keys.session, keys.dirty],
             [now_ms, session_id, self.max_bytes, self.persist, state, len(pairs) // 2,
              "" if journal_version is None else journal_version,
              "" if expected_version is None else expected_version, len(unset), len(guards) // 2,
              *pairs, *unset, *guards, *attributes],
         )
-        return result
+        return _replies.update(reply)
 
     async def read_fields_of(self, session_id: str, fields: Sequence[bytes]) -> list[bytes | None]:
         reply: list[bytes | None] = await self.pipeline.command("HMGET", self.keys(session_id).session, *fields)
@@ -207,14 +201,12 @@ class HotTier:
     async def delete(self, session_id: str) -> None:
         await self.pipeline.command("DEL", self.keys(session_id).session)
 
-    async def rotate(self, old_id: str, new_id: str, now_ms: int) -> int | dict[bytes, bytes]:
+    async def rotate(self, old_id: str, new_id: str, now_ms: int) -> Reply:
         old, new = self.keys(old_id), self.keys(new_id)
         assert old.dirty == new.dirty, "rotate needs both ids in one partition"
         reply = await self.pipeline.evalsha(scripts.ROTATE, [old.session, new.session, old.dirty],
                                             [now_ms, old_id, new_id, self.persist])
-        if isinstance(reply, int):
-            return reply
-        return reply if isinstance(reply, dict) else pairs_to_dict(reply)
+        return _replies.rotate(reply)
 
     async def dirty_ids_of_user(self, user_id: str, page: int = 1000) -> list[str]:
         """Ids of the user's sessions that are dirty (Postgres may not hold them, or not as this user's): one
@@ -234,11 +226,12 @@ class HotTier:
         return list(found)
 
     async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
-                     journal_version: int | None = None) -> int:
+                     journal_version: int | None = None) -> Reply:
         keys = self.keys(session_id)
         args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
                            self.bucket_ms, "" if journal_version is None else journal_version]
-        return int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.counts], args))
+        return _replies.remove(int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.counts],
+                                                                args)))
 
     # -- read-through and recovery ------------------------------------------------------------------------
     def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool
@@ -329,6 +322,12 @@ class HotTier:
 
     async def leave(self, flusher_id: str) -> None:
         await self.client.zrem(self.flushers_key, flusher_id)
+
+    async def drop_idle_connections(self) -> None:
+        """After an outage: pooled connections from before it are dead; dropped now, or each would fail once
+        on first use. (The cluster client reconnects per node by itself.)"""
+        if isinstance(self.client, Redis):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     # -- whole-tier readings ------------------------------------------------------------------------------
     async def stats(self, now_ms: int) -> list[PartitionStats]:

@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from . import codec, metrics
+from ._replies import Status
 from .codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
 from .cold_tier import JournalEntry, PostgresSessionStore
 from .hot_tier import HotTier
@@ -75,7 +76,7 @@ class Journal:
             reply = await self.hot.update(sid, now_ms, state=state, pairs=pairs,
                                           attributes=encode_attributes(**args["attributes"]),
                                           journal_version=version)
-            if isinstance(reply, list) and int(reply[0]) == -2:
+            if reply.status is Status.TOO_LARGE:
                 metrics.BACKEND_ERRORS.labels("redis", "replay").inc()
                 log.error("replay of a merge into %s refused by the size limit; Postgres has it, Redis not", sid)
         elif op == "remove":

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, RedisError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -16,11 +16,6 @@ from .config import Settings, redact_message, redact_url
 from .errors import ConfigurationError, RedisUnavailable
 
 RedisClient: TypeAlias = Redis | RedisCluster
-
-# Every failure of a Redis call: the cluster client also raises RedisClusterException, which is no RedisError.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
-# What a cluster raises in its failover window, beyond connection errors (is_unreachable() decides).
-CLUSTER_ERRORS: tuple[type[BaseException], ...] = (RedisClusterException, ClusterError, TryAgainError)
 
 
 def is_unreachable(exc: BaseException) -> bool:

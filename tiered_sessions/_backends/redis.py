@@ -1,0 +1,240 @@
+"""Every call served from Redis, one round trip where it can. A session Redis lacks is read through from
+Postgres (one loader per id in this process), written into Redis, and the call made again: the miss, load,
+retry of every operation goes through ``_read_through_then``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import secrets
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from .. import codec, metrics, paths
+from .._backpressure import Backpressure
+from .._replies import Status
+from ..cold_tier import PostgresSessionStore
+from ..config import Settings
+from ..errors import SessionLimitExceeded, SessionNotFound, SessionTooLarge, VersionConflict
+from ..hot_tier import HotTier
+from ..model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
+from . import Census, Change, NewSession
+
+R = TypeVar("R")
+_STATE_ARG = {None: b"", True: codec.STATE_CODES[CLOSED], False: codec.STATE_CODES[ACTIVE]}
+_GUARD_ATTEMPTS = 20  # nested edits recomputed when a guarded field changed under them
+_ROTATE_ATTEMPTS = 5  # new ids drawn when one is taken (practically never)
+Loaded = tuple[dict[bytes, bytes] | None, int]
+
+
+class RedisBackend:
+    def __init__(self, hot: HotTier, store: PostgresSessionStore | None, settings: Settings,
+                 backpressure: Backpressure) -> None:
+        self.hot = hot
+        self.store = store
+        self.persist = store is not None
+        self.settings = settings
+        self.backpressure = backpressure
+        self._loading: dict[str, asyncio.Future[Loaded]] = {}
+        # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
+        self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def ensure(self, session_id: str, fresh: bool, new: NewSession) -> tuple[Session, bool]:
+        if not self.backpressure.open.is_set():
+            await self.backpressure.admit()
+        limit = self.settings.max_concurrent_sessions
+        now_ms = codec.now_ms()
+        reply = await self.hot.ensure(session_id, now_ms, check_cold=self.persist and not fresh, min_version=0,
+                                      max_sessions=limit, size=new.size, pairs=new.pairs)
+        if reply.status is Status.MISSING:
+            fields, floor = await self.read_through(session_id)
+            if fields is not None:
+                return codec.session_from_hash(session_id, fields), False
+            reply = await self.hot.ensure(session_id, now_ms, check_cold=False, min_version=floor,
+                                          max_sessions=limit, size=new.size, pairs=new.pairs)
+        if reply.status is Status.OVER_LIMIT:
+            raise SessionLimitExceeded(f"Maximum concurrent sessions ({limit}) reached: {reply.value} live sessions")
+        assert reply.fields is not None
+        if reply.status is Status.EXISTING:
+            metrics.READS.labels("hot").inc()
+        return codec.session_from_hash(session_id, reply.fields), reply.status is Status.CREATED
+
+    async def get(self, session_id: str) -> Session | None:
+        fields: dict[bytes, bytes] | None = await self.hot.read(session_id)
+        if fields:
+            metrics.READS.labels("hot").inc()
+        elif self.persist:
+            fields, _ = await self.read_through(session_id)
+        if not fields or not _is_live(fields, codec.now_ms()):
+            metrics.READS.labels("miss").inc()  # absent, removed or expired: nothing served
+            return None
+        return codec.session_from_hash(session_id, fields)
+
+    async def touch(self, session_id: str, duration_ms: int, held: Session | None) -> bool:
+        if not self.backpressure.open.is_set():
+            await self.backpressure.admit()
+        reply = await self.hot.touch(session_id, duration_ms, held is not None)
+        if reply == Status.MISSING and self.persist:
+            reply = await self._read_through_then(
+                session_id, functools.partial(self.hot.touch, session_id, duration_ms, held is not None), reply)
+        if not isinstance(reply, list):
+            return reply > 0  # the new version, or a status
+        if held is not None:
+            held.version, held.request_count, held.total_duration_ms, now_ms = (int(x) for x in reply)
+            held.last_activity = now_ms / 1000
+            held.expires_at = (now_ms + self.hot.timeout_ms) / 1000
+        return True
+
+    async def update(self, session_id: str, change: Change) -> tuple[int, dict[str, Any]]:
+        if not self.backpressure.open.is_set():
+            await self.backpressure.admit()
+        locks = [self._edit_locks.setdefault((session_id, root), asyncio.Lock())
+                 for root in sorted(change.edits.roots)]
+        async with contextlib.AsyncExitStack() as held:
+            for lock in locks:
+                await held.enter_async_context(lock)
+            return await self._apply(session_id, change)
+
+    async def _apply(self, sid: str, change: Change) -> tuple[int, dict[str, Any]]:
+        edits = change.edits
+        roots: dict[str, Any] = {}
+        for _attempt in range(_GUARD_ATTEMPTS):
+            unset_fields = [paths.field(key) for key in edits.top_unset]
+            pairs = codec.flatten(change.documents)
+            guards: list[bytes] = []
+            if edits.roots:  # nested paths: edit the current values, guarded against concurrent changes
+                current = await self.hot.read_fields_of(sid, [paths.field(root) for root in edits.roots])
+                roots = paths.apply(edits, dict(zip(edits.roots, current, strict=True)))
+                nested = codec.encode_document(roots, codec.DATA_PREFIX, "set")
+                check_size(sid, codec.stored_size(change.documents + nested), self.settings.max_session_bytes)
+                pairs += codec.flatten(nested)
+                for root, raw in zip(edits.roots, current, strict=True):
+                    guards += (paths.field(root), raw or b"")
+                unset_fields += [paths.field(root) for root in edits.roots if root not in roots]
+            once = functools.partial(self.hot.update, sid, codec.now_ms(), state=_STATE_ARG[change.closed],
+                                     pairs=pairs, attributes=change.encoded_attributes, unset=unset_fields,
+                                     guards=guards, expected_version=change.expected_version)
+            reply = await once()
+            if reply.status is Status.MISSING and self.persist:
+                reply = await self._read_through_then(sid, once, reply)
+            if reply.status is not Status.GUARD_CHANGED:
+                break
+        else:
+            raise VersionConflict(f"session {sid}: nested fields kept changing under {_GUARD_ATTEMPTS} attempts", None)
+        if reply.status is Status.VERSION_CONFLICT:
+            raise VersionConflict(f"session {sid} is at version {reply.value}, not {change.expected_version}",
+                                  reply.value)
+        if reply.status is Status.TOO_LARGE:
+            raise SessionTooLarge(f"session {sid} would be {reply.value} bytes, over max_session_bytes="
+                                  f"{self.settings.max_session_bytes}; nothing was changed")
+        if reply.status is not Status.DONE:
+            raise SessionNotFound(f"session {sid} does not exist, was removed or has expired")
+        return reply.value, roots
+
+    async def remove(self, session_id: str) -> None:
+        now_ms = codec.now_ms()
+        reply = await self.hot.remove(session_id, now_ms, check_cold=self.persist, min_version=0)
+        if reply.status is Status.MISSING and self.store is not None:
+            # Not in Redis: a session only Postgres knows still gets its tombstone.
+            record = await self.store.fetch(session_id)
+            if record is not None and record.state != REMOVED:
+                await self.hot.remove(session_id, now_ms, check_cold=False, min_version=record.version)
+
+    async def rotate(self, session_id: str) -> Session:
+        partitions = self.hot.partitions
+        partition = codec.partition_of(session_id, partitions)
+        for _attempt in range(_ROTATE_ATTEMPTS):
+            new_id = _random_id_in(partition, partitions)  # same partition: one script, one cluster slot
+            once = functools.partial(self.hot.rotate, session_id, new_id, codec.now_ms())
+            reply = await once()
+            if reply.status is Status.MISSING and self.persist:
+                reply = await self._read_through_then(session_id, once, reply)
+            if reply.status is not Status.ID_TAKEN:
+                break
+        if reply.fields is None:
+            raise SessionNotFound(f"session {session_id} does not exist, was removed or has expired")
+        return codec.session_from_hash(new_id, reply.fields)
+
+    async def user_sessions(self, user_id: str) -> list[Session]:
+        if self.persist:
+            candidates = dict.fromkeys(await self.hot.dirty_ids_of_user(user_id))
+        else:
+            live = await self.hot.live_sessions(codec.now_ms(), [codec.ATTRIBUTE_FIELDS["user_id"]])
+            candidates = dict.fromkeys(sid for sid, (owner,) in live.items() if owner == user_id.encode())
+        if self.store is not None:
+            candidates.update(dict.fromkeys(await self.store.user_session_ids(user_id)))
+        sessions = await asyncio.gather(*(self.get(sid) for sid in candidates))
+        return [s for s in sessions if s is not None and s.user_id == user_id]
+
+    async def census(self) -> Census:
+        now_ms = codec.now_ms()
+        reading = await self.hot.reading(now_ms)
+        ages: list[float] = []
+        active = 0
+        for created, state in (await self.hot.live_sessions(now_ms, [codec.CREATED, codec.STATE])).values():
+            if created is None:
+                continue
+            ages.append((now_ms - int(created)) / 1000)
+            active += state == codec.STATE_CODES[ACTIVE]
+        return Census("normal", len(ages), active, ages, reading.dirty_sessions, reading.flush_lag_seconds)
+
+    # -- read-through -------------------------------------------------------------------------------------
+    async def _read_through_then(self, sid: str, again: Callable[[], Awaitable[R]], missed: R) -> R:
+        """After a call missed: load the session from Postgres into Redis and make the call again, or
+        return the miss's reply ``missed`` if Postgres holds no live copy."""
+        fields, _ = await self.read_through(sid)
+        return missed if fields is None else await again()
+
+    async def read_through(self, sid: str) -> Loaded:
+        """Load from Postgres into Redis (one loader per id in this process). Returns the hash now in Redis
+        if the session is live, else None, and the version any new life must exceed."""
+        pending = self._loading.get(sid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
+        self._loading[sid] = future
+        try:
+            result = await self._load_cold(sid)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so waiters-less failures are not reported as unhandled
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._loading[sid]
+
+    async def _load_cold(self, sid: str) -> Loaded:
+        assert self.store is not None
+        record: ColdRecord | None = await self.store.fetch(sid)
+        if record is None:
+            return None, 0
+        if not record.is_live(time.time()):
+            return None, record.version
+        pairs, expires_ms = codec.hash_from_record(record)
+        written, fields = await self.hot.warm(sid, expires_ms, pairs)
+        metrics.READS.labels("cold" if written else "hot").inc()
+        if not _is_live(fields, codec.now_ms()):
+            return None, int(fields.get(codec.VERSION, 0))
+        return fields, record.version
+
+
+def check_size(sid: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise SessionTooLarge(f"session {sid} would be at least {size} bytes, over max_session_bytes={limit}; "
+                              "nothing was changed")
+
+
+def _random_id_in(partition: int, partitions: int) -> str:
+    while True:
+        candidate = secrets.token_urlsafe(32)
+        if codec.partition_of(candidate, partitions) == partition:
+            return candidate
+
+
+def _is_live(fields: Mapping[bytes, bytes], now_ms: int) -> bool:
+    return codec.is_live(fields.get(codec.STATE), fields.get(codec.EXPIRES), now_ms)
