@@ -91,7 +91,7 @@ MUTANTS = (
            "            except ZeroDivisionError as exc:\n",
            ("tests/test_seams.py::test_a_flusher_starts_while_postgres_is_down_and_flushes_soon_after_it_returns",)),
     Mutant("long-backoff", "flushing resumes within a few seconds of an outage's end",
-           "tiered_sessions/flusher.py", "MAX_BACKOFF_SECS = 2.0", "MAX_BACKOFF_SECS = 30.0",
+           "tiered_sessions/_flush_retry.py", "MAX_BACKOFF_SECS = 2.0", "MAX_BACKOFF_SECS = 30.0",
            ("tests/test_seams.py::test_a_flusher_starts_while_postgres_is_down_and_flushes_soon_after_it_returns",)),
     Mutant("metrics-raise-while-degraded", "get_session_metrics() answers in degraded mode",
            "tiered_sessions/manager.py",

@@ -2,10 +2,8 @@
 batch, then ack (clear the dirty mark only where the version is unchanged). A crash anywhere leaves the
 sessions dirty in Redis for the next pass; a replay is harmless thanks to the version guard.
 
-Many flushers share the partitions through leases (``{prefix}:{pN}:lease``, ``SET NX PX``, renewed each pass).
-The loop works only on partitions it holds, and the ack is fenced: it clears nothing unless the lease is still
-ours. Each flusher heartbeats into ``{prefix}:flushers`` and aims at its fair share of the partitions (live
-flushers sorted by id; the first ``partitions % n`` take one more), releasing extras so joiners get some.
+Many flushers share the partitions through leases (``_leases``): the loop works only on partitions it holds,
+and the ack is fenced: it clears nothing unless the lease is still ours. Failures retry (``_flush_retry``).
 An on-demand ``drain()`` (``flush()``, ``close()``) works on every partition; see ``drain``."""
 
 from __future__ import annotations
@@ -15,18 +13,14 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
-import random
-import socket
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
-
 from . import codec, metrics
-from ._failures import POSTGRES_ERRORS, REDIS_ERRORS, RETRYABLE, ROW_ERRORS
+from ._failures import REDIS_ERRORS, RETRYABLE, ROW_ERRORS
+from ._flush_retry import Outage, PartitionBackoff, retrying
+from ._leases import LeaseHolder
 from .cold_tier import PostgresSessionStore, Refusal
 from .config import Settings
 from .dead_letters import DeadLetters
@@ -35,8 +29,7 @@ from .journal import Journal
 
 log = logging.getLogger(__name__)
 
-# The longest pause between attempts: flushing resumes within about this long after a server is back.
-MAX_BACKOFF_SECS = 2.0
+
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,70 +57,20 @@ def _by_partition(entries: list[DirtyEntry], kept: set[str]) -> dict[int, list[t
     return acks
 
 
-class Flusher:
+class Flusher(LeaseHolder):
     def __init__(self, hot: HotTier, cold: PostgresSessionStore, settings: Settings) -> None:
-        self.hot = hot
+        super().__init__(hot, settings)
         self.cold = cold
         self.batch_size = settings.flush_batch_size
         self.write_concurrency = max(1, min(4, settings.pg_pool_max_size))  # upserts in flight at once
         self.interval = settings.flush_interval_secs
-        self.partitions = list(range(settings.partitions))
-        self.lease_secs = settings.lease_secs
-        self.lease_ms = max(1, int(settings.lease_secs * 1000))
-        # The lease token: unique per Flusher object, readable in Redis when debugging who owns what.
-        self.flusher_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.held: set[int] = set()  # partitions whose lease this flusher holds (as of its last renewal)
         self.totals = PassResult()  # since start, for summaries (the metrics hold the same per process)
         self.dead_letters = DeadLetters(hot)
         self.journal = Journal(hot, cold)  # whoever wrote it: every pass folds back what it finds
-        self.outage = _Outage()
-        self.backoff = _PartitionBackoff()
+        self.outage = Outage()
+        self.backoff = PartitionBackoff()
         # Called for every tombstone or expired row written, before the ack (lifecycle events).
         self.on_written: Callable[[DirtyEntry], None] | None = None
-
-    # -- leases -------------------------------------------------------------------------------------------
-    def fair_share(self, live: list[str]) -> int:
-        """How many partitions this flusher should hold, given the live flusher ids."""
-        members = sorted({*live, self.flusher_id})
-        rank, count = members.index(self.flusher_id), len(members)
-        return len(self.partitions) // count + (1 if rank < len(self.partitions) % count else 0)
-
-    async def rebalance(self) -> None:
-        """Heartbeat, renew the leases held, give back extras, take free partitions up to the fair share."""
-        live = await self.hot.heartbeat(self.flusher_id, codec.now_ms(), self.lease_ms, 3 * self.lease_ms)
-        target = self.fair_share(live)
-        await self.renew()
-        if len(self.held) > target:
-            extra = sorted(self.held)[target:]
-            await self.hot.release_leases(extra, self.flusher_id)
-            self.held.difference_update(extra)
-            return
-        # Free partitions, from a random start so that flushers don't all race for the same ones.
-        free = [p for p in self.partitions if p not in self.held]
-        start = random.randrange(len(free)) if free else 0
-        free = free[start:] + free[:start]
-        while free and len(self.held) < target:
-            want, free = free[:target - len(self.held)], free[target - len(self.held):]
-            taken = await self.hot.take_leases(want, self.flusher_id, self.lease_ms)
-            self.held.update(p for p, ok in zip(want, taken, strict=True) if ok)
-
-    async def renew(self) -> None:
-        """Renew every lease held; drop the ones another flusher took meanwhile (ours ran out)."""
-        if not self.held:
-            return
-        held = sorted(self.held)
-        kept = await self.hot.take_leases(held, self.flusher_id, self.lease_ms)
-        lost = [p for p, ok in zip(held, kept, strict=True) if not ok]
-        if lost:
-            log.warning("flusher %s lost the lease of partitions %s to another flusher", self.flusher_id, lost)
-        self.held = {p for p, ok in zip(held, kept, strict=True) if ok}
-
-    async def release(self) -> None:
-        """Give every lease back and leave the heartbeat set, so the other flushers take over at once."""
-        held, self.held = sorted(self.held), set()
-        if held:
-            await self.hot.release_leases(held, self.flusher_id)
-        await self.hot.leave(self.flusher_id)
 
     # -- passes -------------------------------------------------------------------------------------------
     async def flush_once(self, max_score_ms: int | None = None) -> PassResult:
@@ -166,26 +109,6 @@ class Flusher:
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
         return result
-
-    @contextlib.asynccontextmanager
-    async def _renewing(self) -> AsyncIterator[None]:
-        """Renew the leases every third of a lease while the block runs: a pass slower than a lease (a slow
-        Postgres) keeps its partitions, and its acks count. A renewal that fails is retried at the next tick;
-        the block's own Redis calls fail the same way and are retried with the pass."""
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(self.lease_secs / 3)
-                try:
-                    await self.renew()
-                except RETRYABLE as exc:
-                    log.warning("lease renewal during a pass failed: %s", exc)
-
-        task = asyncio.create_task(heartbeat(), name="ts-lease-heartbeat")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.wait([task])  # its end, without swallowing a cancellation of our own
 
     async def _in_groups(self, partitions: list[int], work: Callable[[list[int]], Awaitable[None]]) -> None:
         """Run ``work`` (claim, write, ack) on a few groups of the partitions side by side, so that one group's
@@ -309,33 +232,12 @@ class Flusher:
         metrics.export(reading)
         return reading.dirty_sessions, reading.flush_lag_seconds
 
-    def _retrying(self, stop: asyncio.Event | None, deadline: float | None) -> AsyncRetrying:
-        def should_stop(state: RetryCallState) -> bool:
-            return (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
-
-        async def sleep(seconds: float) -> None:
-            # While Postgres is down the lag grows: keep the gauges moving so the alerts can fire.
-            with contextlib.suppress(*RETRYABLE):
-                await self.update_gauges()
-            # Interruptible backoff: close() must not wait out a sleep.
-            if stop is None:
-                await asyncio.sleep(seconds)
-                return
-            try:
-                await asyncio.wait_for(stop.wait(), seconds)
-            except TimeoutError:
-                return
-
-        return AsyncRetrying(retry=retry_if_exception_type(RETRYABLE), stop=should_stop,
-                             wait=wait_exponential(multiplier=0.1, max=MAX_BACKOFF_SECS) + wait_random(0, 0.25),
-                             sleep=sleep, before_sleep=self.outage.failed, reraise=True)
-
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set. Failures are retried with backoff; nothing dirty is ever dropped."""
         while not stop.is_set():
             started = time.monotonic()
             try:
-                async for attempt in self._retrying(stop, None):
+                async for attempt in retrying(stop, None, self.outage, self.update_gauges):
                     with attempt:
                         await self.rebalance()
                         await self.journal.replay_pending()
@@ -386,7 +288,7 @@ class Flusher:
         extra = dict.fromkeys(self.partitions, 0)  # per partition: entries already done, to claim beyond them
         durable_dirty = 0
         while time.monotonic() < deadline:
-            async for attempt in self._retrying(None, deadline):
+            async for attempt in retrying(None, deadline, self.outage, self.update_gauges):
                 with attempt:
                     journaled = await self.journal.replay_pending()
                     result, durable_dirty, complete = await self._drain_pass(up_to, done, deferred, extra, deadline)
@@ -451,67 +353,3 @@ class Flusher:
 
 def _session_id(entry: DirtyEntry) -> str:
     return entry.session_id
-
-
-class _PartitionBackoff:
-    """A partition whose Redis calls fail while others succeed (a key of its own at fault, its cluster master
-    down) waits a backoff of its own while the others keep flushing; logged when its streak starts and ends,
-    each failure counted. A pass where every partition fails, or Postgres fails, is a server's failure: the
-    pass retries as a whole."""
-
-    def __init__(self) -> None:
-        self.failures: dict[int, int] = {}
-        self.until: dict[int, float] = {}
-
-    def due(self, partition: int) -> bool:
-        return self.until.get(partition, 0.0) <= time.monotonic()
-
-    def record(self, failed: dict[int, BaseException], flushed: list[int]) -> None:
-        for partition, exc in failed.items():
-            count = self.failures[partition] = self.failures.get(partition, 0) + 1
-            delay = min(MAX_BACKOFF_SECS, 0.1 * 2 ** (count - 1))
-            self.until[partition] = time.monotonic() + delay
-            metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
-            if count == 1:
-                log.warning("partition %d failed (%s: %s); the other partitions go on, it retries every %.1fs at "
-                            "most", partition, type(exc).__name__, exc, MAX_BACKOFF_SECS)
-        for partition in flushed:
-            count = self.failures.pop(partition, 0)
-            self.until.pop(partition, None)
-            if count:
-                log.warning("partition %d flushes again after %d failed attempts", partition, count)
-
-
-class _Outage:
-    """A streak of failed flush attempts: logged when it starts, every tenth attempt, and once when it ends
-    (metrics count every attempt)."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.attempts = 0
-        self.backend = ""
-
-    def failed(self, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        kind = type(error).__name__ if error else "unknown"
-        metrics.FLUSH_ERRORS.labels(kind).inc()
-        metrics.FLUSH_RETRIES.inc()
-        backend = "PostgreSQL" if isinstance(error, POSTGRES_ERRORS) else "Redis"
-        delay = state.next_action.sleep if state.next_action else 0.0
-        self.attempts += 1
-        if self.since is None:
-            self.since, self.backend = time.monotonic(), backend
-            log.warning("flush failed (%s: %s), retrying in %.2fs, then at least every %.0fs; dirty sessions "
-                        "stay in Redis", backend, error, delay, MAX_BACKOFF_SECS)
-        elif self.attempts % 10 == 0:
-            log.warning("flush still failing after %d attempts over %.0fs (%s: %s)", self.attempts,
-                        time.monotonic() - self.since, backend, error)
-        else:
-            log.debug("flush failed again (%s: %s), attempt %d", backend, error, self.attempts)
-
-    def ended(self) -> None:
-        if self.since is None:
-            return
-        log.warning("%s is back: flushing resumed after %.1fs and %d failed attempts", self.backend,
-                    time.monotonic() - self.since, self.attempts)
-        self.since, self.attempts = None, 0
