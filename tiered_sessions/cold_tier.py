@@ -169,6 +169,11 @@ class PostgresSessionStore:
             await self.connect()
         return self.pool
 
+    async def ping(self) -> None:
+        """One round trip on a pooled connection (readiness)."""
+        pool = await self.ready_pool()
+        await pool.fetchval("SELECT 1")
+
     # -- the flusher's path ------------------------------------------------------------------------------
     async def upsert_batch(self, rows: Sequence[bytes]) -> dict[str, Refusal]:
         """Write rows (JSON objects as claim.lua builds them) in one statement. Returns the rows Postgres

@@ -16,10 +16,9 @@ from typing import Any
 import orjson
 
 from . import codec, metrics
-from .codec import hash_from_record, partition_of
+from .codec import hash_from_record
 from .cold_tier import ColdRecord
 from .hot_tier import DirtyEntry, HotTier
-from .redis_client import executed
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,10 @@ class DeadLetters:
     def __init__(self, hot: HotTier) -> None:
         self.hot = hot
 
-    def key(self, partition: int) -> str:
-        return self.hot.dead_letters_key(partition)
-
     async def record(self, row: DirtyEntry, reason: str) -> None:
         letter = DeadLetter(row.session_id, row.version, reason, time.time(),
                             dataclasses.astuple(ColdRecord.from_row(row.row)))
-        await self.hot.client.hset(self.key(row.partition), row.session_id,
-                                   orjson.dumps(letter.to_dict()))
+        await self.hot.store_dead_letter(row.partition, row.session_id, orjson.dumps(letter.to_dict()))
         metrics.DEAD_LETTERS.inc()
         log.error("session %s (version %d) dead-lettered: Postgres rejected it: %s", row.session_id,
                   row.version, reason)
@@ -58,19 +53,15 @@ class DeadLetters:
         key went). Listed here with no row: it is inspected and dropped, not replayed."""
         reason = entry.row.decode(errors="replace")
         letter = DeadLetter(entry.session_id, 0, reason, time.time(), ())
-        await self.hot.client.hset(self.key(entry.partition), entry.session_id, orjson.dumps(letter.to_dict()))
+        await self.hot.store_dead_letter(entry.partition, entry.session_id, orjson.dumps(letter.to_dict()))
         log.error("the key of session %s is not a session hash: %s", entry.session_id, reason)
 
     async def list(self) -> list[DeadLetter]:
-        pipe = self.hot.client.pipeline(transaction=False)
-        for partition in range(self.hot.partitions):
-            pipe.hgetall(self.key(partition))
         letters = []
-        for stored in await executed(pipe.execute()):
-            for raw in stored.values():
-                item = orjson.loads(raw)
-                letters.append(DeadLetter(item["session_id"], item["version"], item["reason"],
-                                          item["failed_at"], tuple(item["row"])))
+        for raw in await self.hot.dead_letters():
+            item = orjson.loads(raw)
+            letters.append(DeadLetter(item["session_id"], item["version"], item["reason"],
+                                      item["failed_at"], tuple(item["row"])))
         return sorted(letters, key=lambda letter: letter.failed_at)
 
     async def replay(self, session_ids: Iterable[str] | None = None) -> int:
@@ -87,7 +78,7 @@ class DeadLetters:
                 pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))
                 await self.hot.warm(sid, expires_ms, pairs)
                 await self.hot.redirty([sid], now_ms)
-            await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
+            await self.hot.forget_dead_letter(sid)
             log.info("dead letter %s replayed: dirty again", sid)
         return sum(1 for sid in chosen if letters[sid].row)
 
@@ -96,6 +87,6 @@ class DeadLetters:
         letters = {letter.session_id for letter in await self.list()}
         chosen = letters if session_ids is None else letters.intersection(session_ids)
         for sid in chosen:
-            await self.hot.client.hdel(self.key(partition_of(sid, self.hot.partitions)), sid)
+            await self.hot.forget_dead_letter(sid)
             log.warning("dead letter %s dropped", sid)
         return len(chosen)

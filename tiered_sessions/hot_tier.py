@@ -1,15 +1,5 @@
-"""The Redis side of the tier: key layout and one call per operation (a Lua script or a single command).
-
-Layout, with ``p`` = crc32(session_id) % partitions so one partition's keys share a Redis Cluster slot::
-
-    {prefix}:{p7}:s:<session_id>   hash: the session (see codec.py for its fields)
-    {prefix}:{p7}:dirty            zset: session ids not yet in Postgres, scored by first-dirty time (ms)
-    {prefix}:{p7}:expiring         hash: live sessions counted by expiry bucket (lua/lib/live_counts.lua)
-    {prefix}:{p7}:lease            string: the token of the flusher that owns the partition (PX lease)
-    {prefix}:flushers              zset: flusher ids scored by last heartbeat (ms), for the fair share
-
-Nothing else is kept per session: a per-session index entry (a sorted-set member) would cost about as much
-as a small session's own hash. Listing scans the session keys; the per-user listing asks Postgres.
+"""The Redis side of the tier: one call per operation (a Lua script or a single command), each reply decoded
+(``_replies``). Where each thing lives is ``_keyspace``'s.
 """
 
 from __future__ import annotations
@@ -21,18 +11,12 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis, RedisCluster
 
 from . import _replies, codec, scripts
+from ._keyspace import KeySpace
 from ._replies import Reply
 from .codec import pairs_to_dict, partition_of
 from .config import Settings
 from .pipelining import AutoPipeline
 from .redis_client import RedisClient, executed
-
-
-class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to build than a dataclass
-    partition: int
-    session: str
-    dirty: str
-    counts: str
 
 
 class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen dataclass is slower to build
@@ -71,11 +55,10 @@ class TierReading:
         return sum(self.dirty_per_partition)
 
 
-class HotTier:
+class HotTier(KeySpace):
     def __init__(self, client: RedisClient, settings: Settings) -> None:
+        super().__init__(settings.key_prefix, settings.partitions)
         self.client = client
-        self.partitions = settings.partitions
-        self.prefix = settings.key_prefix
         self.persist = "1" if settings.enable_persistence else "0"
         self.timeout_ms = int(settings.session_timeout_secs * 1000)
         self.tombstone_ttl_ms = int(settings.tombstone_ttl_secs * 1000)
@@ -83,10 +66,6 @@ class HotTier:
         # Live counts go by expiry buckets of 1/64 of the timeout: a partition's count hash has about 65
         # fields (compact in Redis), and a count is exact to one bucket.
         self.bucket_ms = max(1, self.timeout_ms // 64)
-        self.counts_keys = [self.counts_key(p) for p in range(self.partitions)]
-        # Per partition: the session key prefix, the dirty index and the live counts (what keys() puts together).
-        self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.counts_key(p))
-                                for p in range(self.partitions)]
         # touch.lua's shared ARGV: plain touches (reply: the version), touches whose caller holds a Session
         # (reply: the counters too), journal replays
         self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0")
@@ -96,47 +75,11 @@ class HotTier:
         # On a cluster every script touches one slot: the session limit is counted before the script instead.
         self.cluster = isinstance(client, RedisCluster)
 
-    # -- key layout ---------------------------------------------------------------------------------------
-    def partition_prefix(self, partition: int) -> str:
-        return f"{self.prefix}:{{p{partition}}}:"
-
-    def session_key_prefix(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "s:"
-
-    def quarantine_key_prefix(self, partition: int) -> str:
-        """Where claim.lua moves a key that is not a session hash (``{prefix}:{pN}:quarantine:<id>``)."""
-        return self.partition_prefix(partition) + "quarantine:"
-
-    def dirty_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "dirty"
-
-    def counts_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "expiring"
-
-    def dead_letters_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "dead"
-
-    def lease_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "lease"
-
-    @property
-    def layout_key(self) -> str:
-        return f"{self.prefix}:layout"
-
     async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:
         """Record ``layout`` unless a process did (layout.lua); returns the layout as recorded."""
         flat = [item for pair in layout.items() for item in pair]
         reply = await self.pipeline.evalsha(scripts.LAYOUT, [self.layout_key], flat)
         return {reply[i].decode(): reply[i + 1].decode() for i in range(0, len(reply), 2)}
-
-    @property
-    def flushers_key(self) -> str:
-        return f"{self.prefix}:flushers"
-
-    def keys(self, session_id: str) -> SessionKeys:
-        partition = partition_of(session_id, self.partitions)
-        session_prefix, dirty, counts = self._partition_keys[partition]
-        return SessionKeys(partition, session_prefix + session_id, dirty, counts)
 
     # -- hot path: one round trip each -------------------------------------------------------------------
     async def read(self, session_id: str) -> dict[bytes, bytes]:
@@ -329,6 +272,20 @@ class HotTier:
         if isinstance(self.client, Redis):
             await self.client.connection_pool.disconnect(inuse_connections=False)
 
+    # -- dead letters -------------------------------------------------------------------------------------
+    async def store_dead_letter(self, partition: int, session_id: str, letter: bytes) -> None:
+        await self.pipeline.command("HSET", self.dead_letters_key(partition), session_id, letter)
+
+    async def dead_letters(self) -> list[bytes]:
+        """Every stored dead letter, all partitions."""
+        pipe = self.client.pipeline(transaction=False)
+        for partition in range(self.partitions):
+            pipe.hvals(self.dead_letters_key(partition))
+        return [letter for stored in await executed(pipe.execute()) for letter in stored]
+
+    async def forget_dead_letter(self, session_id: str) -> None:
+        await self.pipeline.command("HDEL", self.dead_letters_key(self.keys(session_id).partition), session_id)
+
     # -- whole-tier readings ------------------------------------------------------------------------------
     async def stats(self, now_ms: int) -> list[PartitionStats]:
         pipe = self.client.pipeline(transaction=False)
@@ -374,7 +331,7 @@ class HotTier:
         the same HMGET as the state and expiry that decide it: a SCAN of the session keys (every node of a
         cluster), then one read a key. Work in proportion to the keys in Redis: for listings and cleanup, not
         for the hot path."""
-        pattern = f"{self.prefix}:{{p*}}:s:*"  # ids cannot hold "}", so only session keys match
+        pattern = self.session_key_pattern
         found = list(dict.fromkeys([key async for key in self.client.scan_iter(match=pattern, count=page,
                                                                                 _type="hash")]))
         ids = [key.decode().partition("}:s:")[2] for key in found]

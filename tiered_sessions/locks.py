@@ -31,7 +31,7 @@ from typing import Any, Self
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .codec import partition_of, validate_session_id
+from .codec import validate_session_id
 from .errors import ConfigurationError, LockLost, LockTimeout
 from .hot_tier import HotTier
 from .redis_client import unavailable
@@ -97,9 +97,9 @@ class SessionLock:
             raise ConfigurationError(f"this lock on session {self.session_id} is held already; "
                                      "make a new one with manager.lock()")
         hot = await self._ready()
-        prefix = hot.partition_prefix(partition_of(self.session_id, hot.partitions))
-        self._hot, self._lock_key = hot, prefix + "lock:" + self.session_id
-        keys = [self._lock_key, prefix + "fence:" + self.session_id]
+        self._lock_key, fence_key = hot.lock_keys(self.session_id)
+        self._hot = hot
+        keys = [self._lock_key, fence_key]
         lease_ms = max(1, round(self.lease * 1000))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         wait = _FIRST_WAIT

@@ -98,8 +98,8 @@ class OpsServer:
             checks["postgres"] = "not used"
         else:
             try:
-                async with asyncio.timeout(self.check_timeout), (await store.ready_pool()).acquire() as connection:
-                    await connection.fetchval("SELECT 1")
+                async with asyncio.timeout(self.check_timeout):
+                    await store.ping()
             except Exception as exc:  # noqa: BLE001
                 ready = False
                 checks["postgres"] = f"error: {self._describe(exc)}"
