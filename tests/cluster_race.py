@@ -17,8 +17,8 @@ import sys
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from tiered_sessions._redis_client import plain_url
 from tiered_sessions.embedded_cluster import LocalCluster
-from tiered_sessions.redis_client import plain_url
 
 TASKS = 64
 

@@ -31,7 +31,7 @@ import asyncpg
 from redis.crc import key_slot
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.codec import partition_of
+from tiered_sessions._codec import partition_of
 from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.embedded_cluster import LocalCluster
 from tiered_sessions.migrate import migrate

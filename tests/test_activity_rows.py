@@ -8,7 +8,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from tiered_sessions import SessionManager, Settings, codec
+from tiered_sessions import SessionManager, Settings, _codec
 
 from .helpers import pg_row
 
@@ -104,4 +104,4 @@ async def test_a_rotated_session_is_written_whole_under_its_new_id(settings: Set
         old = await pg_row(pg, settings, "old")
         assert old is not None and old["session_state"] == "removed"
         assert manager.flusher is not None
-        assert await redis.hget(manager.flusher.hot.keys(rotated.session_id).session, codec.KEPT) == b"1"
+        assert await redis.hget(manager.flusher.hot.keys(rotated.session_id).session, _codec.KEPT) == b"1"

@@ -203,7 +203,7 @@ async def test_failover_under_load_loses_nothing_flushed(database_url: str, pg: 
 
 
 def test_cluster_url_and_setting_pick_the_cluster_client() -> None:
-    from tiered_sessions.redis_client import is_cluster, plain_url
+    from tiered_sessions._redis_client import is_cluster, plain_url
 
     assert is_cluster(Settings(redis_url="redis+cluster://h:7000"))
     assert is_cluster(Settings(redis_url="rediss+cluster://h:7000"))

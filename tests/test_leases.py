@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.codec import partition_of
+from tiered_sessions._codec import partition_of
+from tiered_sessions._flusher import Flusher
+from tiered_sessions._hot_tier import HotTier
 from tiered_sessions.cold_tier import PostgresSessionStore
-from tiered_sessions.flusher import Flusher
-from tiered_sessions.hot_tier import HotTier
 
 from .helpers import pg_row, pg_rows
 from .test_cli import _env

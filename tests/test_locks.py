@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.codec import partition_of
+from tiered_sessions._codec import partition_of
 from tiered_sessions.errors import ConfigurationError, LockLost, LockTimeout
 
 

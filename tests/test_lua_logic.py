@@ -9,7 +9,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tiered_sessions.scripts import ACK, ENSURE, LEASE, LEASE_RELEASE, LIVE_COUNT, REMOVE, TOUCH, UPDATE, LuaScript
+from tiered_sessions._scripts import ACK, ENSURE, LEASE, LEASE_RELEASE, LIVE_COUNT, REMOVE, TOUCH, UPDATE, LuaScript
 
 
 async def _run(script: LuaScript, client: fakeredis.FakeAsyncRedis, keys: list[str],

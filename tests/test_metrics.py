@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from tiered_sessions import SessionManager, Settings, metrics
-from tiered_sessions.codec import partition_of
+from tiered_sessions._codec import partition_of
+from tiered_sessions._ops_http import OpsServer
 from tiered_sessions.embedded import PostgresServer
 from tiered_sessions.migrate import migrate
-from tiered_sessions.ops_http import OpsServer
 
 from .helpers import until
 from .ops_helpers import Samples, env_for, flusher, get, get_json, parse, promtool, run, total, value, wait_for

@@ -448,7 +448,7 @@ async def test_a_slow_postgres_still_makes_progress(settings: Settings, pg: asyn
         $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$;
         CREATE TRIGGER slow_statement BEFORE INSERT OR UPDATE ON {settings.qualified_table}
         FOR EACH STATEMENT EXECUTE FUNCTION "{settings.schema}".slow_statement();""")
-    caplog.set_level(logging.WARNING, logger="tiered_sessions.flusher")
+    caplog.set_level(logging.WARNING, logger="tiered_sessions._flusher")
     # 4 partitions, one per writer group: a pass takes about two statements, 1.2 s, past the 1 s lease
     async with SessionManager(settings=settings, lease_secs=1.0, partitions=4) as manager:
         ids = [(await manager.ensure()).session_id for _ in range(160)]

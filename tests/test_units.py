@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiered_sessions import ConfigurationError, InvalidSessionData, Settings
-from tiered_sessions.codec import encode_document, partition_of, validate_session_id
+from tiered_sessions._codec import encode_document, partition_of, validate_session_id
 from tiered_sessions.cold_tier import asyncpg_dsn
 from tiered_sessions.config import redact_message, redact_url
 

@@ -10,9 +10,9 @@ import logging
 
 from . import metrics
 from ._failures import REDIS_ERRORS
+from ._hot_tier import HotTier
 from .config import Settings
 from .errors import BackpressureError
-from .hot_tier import HotTier
 
 log = logging.getLogger(__name__)
 

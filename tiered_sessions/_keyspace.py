@@ -1,7 +1,7 @@
 """Where the tier keeps what, in Redis: every key is built here. With ``p`` = crc32(session_id) % partitions,
 one partition's keys share a Redis Cluster slot (the ``{pN}`` hash tag)::
 
-    {prefix}:{p7}:s:<session_id>        hash: the session (see codec.py for its fields)
+    {prefix}:{p7}:s:<session_id>        hash: the session (see _codec.py for its fields)
     {prefix}:{p7}:dirty                 zset: session ids not yet in Postgres, scored by first-dirty time (ms)
     {prefix}:{p7}:expiring              hash: live sessions counted by expiry bucket (lua/lib/live_counts.lua)
     {prefix}:{p7}:lease                 string: the token of the flusher that owns the partition (PX lease)
@@ -9,7 +9,7 @@ one partition's keys share a Redis Cluster slot (the ``{pN}`` hash tag)::
     {prefix}:{p7}:quarantine:<id>       a key that was not a session hash, moved aside by claim.lua
     {prefix}:{p7}:lock:<id>, fence:<id> a session's lock and its fencing counter (locks.py)
     {prefix}:flushers                   zset: flusher ids scored by last heartbeat (ms), for the fair share
-    {prefix}:layout                     hash: the layout every process checks (layout.py)
+    {prefix}:layout                     hash: the layout every process checks (_layout.py)
 
 Nothing else is kept per session: a per-session index entry (a sorted-set member) would cost about as much
 as a small session's own hash. Listing scans the session keys; the per-user listing asks Postgres.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .codec import partition_of
+from ._codec import partition_of
 
 
 class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to build than a dataclass

@@ -14,10 +14,10 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 
-from . import codec
+from . import _codec
 from ._failures import RETRYABLE
+from ._hot_tier import HotTier
 from .config import Settings
-from .hot_tier import HotTier
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class LeaseHolder:
 
     async def rebalance(self) -> None:
         """Heartbeat, renew the leases held, give back extras, take free partitions up to the fair share."""
-        live = await self.hot.heartbeat(self.flusher_id, codec.now_ms(), self.lease_ms, 3 * self.lease_ms)
+        live = await self.hot.heartbeat(self.flusher_id, _codec.now_ms(), self.lease_ms, 3 * self.lease_ms)
         target = self.fair_share(live)
         await self.renew()
         if len(self.held) > target:

@@ -12,11 +12,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
 
 from . import metrics
+from ._degraded import DegradedMode
 from ._failures import POSTGRES_TRANSIENT, REDIS_CONNECTION_ERRORS
+from ._redis_client import closed_under_the_call, is_unreachable, unavailable
 from .config import Settings, redact_message, redact_url
-from .degraded import DegradedMode
 from .errors import BackendUnavailable, PostgresUnavailable
-from .redis_client import closed_under_the_call, is_unreachable, unavailable
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Any, NamedTuple
 
-from .codec import VERSION, pairs_to_dict
+from ._codec import VERSION, pairs_to_dict
 
 
 class Status(enum.IntEnum):

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from . import paths
+from . import _paths
 from .model import ACTIVE, CLOSED, REMOVED, Session
 
 
@@ -45,14 +45,14 @@ class SessionCache:
             self._held.pop(session_id, None)
 
     def changed(self, session_id: str, version: int, data: Mapping[str, Any] | None,
-                metadata: Mapping[str, Any] | None, edits: paths.Edits, roots: dict[str, Any],
+                metadata: Mapping[str, Any] | None, edits: _paths.Edits, roots: dict[str, Any],
                 attributes: Mapping[str, str | None], closed: bool | None) -> None:
         """Apply an update that reached the tier to the object callers hold (no read back)."""
         session = self._held.get(session_id)
         if session is None:
             return
         session.data.update(data or {})
-        paths.apply_locally(session.data, edits, roots)
+        _paths.apply_locally(session.data, edits, roots)
         session.metadata.update(metadata or {})
         for name, value in attributes.items():
             if value is not None:

@@ -8,16 +8,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import metrics, scripts
+from . import _scripts, metrics
 from ._failures import REDIS_ERRORS, RETRYABLE
+from ._flusher import Flusher
+from ._hot_tier import HotTier
+from ._journal import Journal
+from ._layout import Layout
+from ._redis_client import RedisClient, make_client
 from .cold_tier import PostgresSessionStore
 from .config import Settings, redact_message, redact_url
 from .errors import PostgresUnavailable, RedisUnavailable
-from .flusher import Flusher
-from .hot_tier import HotTier
-from .journal import Journal
-from .layout import Layout
-from .redis_client import RedisClient, make_client
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Tiers:
         try:
             try:
                 await client.ping()  # on a cluster: every node; the first command also maps the slots
-                await hot.pipeline.load_scripts(scripts.ALL)
+                await hot.pipeline.load_scripts(_scripts.ALL)
             except REDIS_ERRORS as exc:
                 raise RedisUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: "
                                        f"{redact_message(str(exc), settings.redis_url)}") from None

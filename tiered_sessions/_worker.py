@@ -15,11 +15,11 @@ from typing import Any
 from . import metrics
 from ._backpressure import Backpressure
 from ._failures import BACKGROUND, RETRYABLE
+from ._flusher import Flusher
+from ._supervisor import Supervisor, Work
 from ._tiers import Tiers
 from .config import Settings
 from .events import EventHub
-from .flusher import Flusher
-from .supervisor import Supervisor, Work
 
 log = logging.getLogger(__name__)
 

@@ -148,8 +148,8 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
     log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
              settings.flush_batch_size, settings.flush_interval_secs)
     server = None
-    if args.metrics_port is not None:  # /metrics, /healthz, /readyz (ops_http.py)
-        from .ops_http import OpsServer
+    if args.metrics_port is not None:  # /metrics, /healthz, /readyz (_ops_http.py)
+        from ._ops_http import OpsServer
         server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
                            ready_max_lag=args.ready_max_lag)
         try:
@@ -173,7 +173,7 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
 async def _run_stats(args: argparse.Namespace, console: Console) -> int:
     settings = _settings(args, enable_persistence=False, run_flusher=False)
     if args.watch:
-        from .watch import watch_stats
+        from ._watch import watch_stats
         return await watch_stats(settings, console, interval=args.interval, count=args.count, as_json=args.json)
     try:
         async with SessionManager(settings=settings) as manager:

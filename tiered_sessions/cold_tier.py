@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from ._codec import check_json, validate_attribute, validate_session_id
 from ._failures import POSTGRES_CONNECT, POSTGRES_DOWN
-from .codec import check_json, validate_attribute, validate_session_id
 from .config import Settings, redact_message, redact_url
 from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
 from .model import ACTIVE, STATES, ColdRecord, Session

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from . import metrics
-from .hot_tier import DirtyEntry
+from ._hot_tier import DirtyEntry
 from .model import ColdRecord, Session
 
 log = logging.getLogger(__name__)

@@ -31,11 +31,11 @@ from typing import Any, Self
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .codec import validate_session_id
+from ._codec import validate_session_id
+from ._hot_tier import HotTier
+from ._redis_client import unavailable
+from ._scripts import LuaScript
 from .errors import ConfigurationError, LockLost, LockTimeout
-from .hot_tier import HotTier
-from .redis_client import unavailable
-from .scripts import LuaScript
 
 log = logging.getLogger(__name__)
 

@@ -17,23 +17,23 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from . import codec, metrics, paths
+from . import _codec, _paths, metrics
 from ._backends import Backend, Census, Change, NewSession
 from ._backends.postgres import PostgresBackend
 from ._backends.redis import RedisBackend, check_size
 from ._backpressure import Backpressure
+from ._dead_letters import DeadLetters
+from ._degraded import DegradedMode
+from ._flusher import Flusher
+from ._hot_tier import HotTier, TierReading
 from ._naming import named_errors, raise_named
 from ._session_cache import SessionCache
 from ._tiers import Tiers
 from ._worker import Worker
 from .cold_tier import PostgresSessionStore
 from .config import UNSET, Settings
-from .dead_letters import DeadLetters
-from .degraded import DegradedMode
 from .errors import ConfigurationError, InvalidSessionData
 from .events import EventHub, Listener
-from .flusher import Flusher
-from .hot_tier import HotTier, TierReading
 from .locks import SessionLock
 from .model import ACTIVE, CLOSED, Session
 
@@ -163,13 +163,13 @@ class SessionManager:
         """The live session with this id, loading it from Postgres if Redis lacks it, or a new one.
         ``None`` makes a new random id. The keyword arguments apply only when a session is created."""
         fresh = session_id is None
-        sid = secrets.token_urlsafe(32) if session_id is None else codec.validate_session_id(session_id)
-        documents = codec.encode_document(data or {}, codec.DATA_PREFIX, "data")
-        documents += codec.encode_document(metadata or {}, codec.META_PREFIX, "metadata")
-        size = codec.stored_size(documents)
+        sid = secrets.token_urlsafe(32) if session_id is None else _codec.validate_session_id(session_id)
+        documents = _codec.encode_document(data or {}, _codec.DATA_PREFIX, "data")
+        documents += _codec.encode_document(metadata or {}, _codec.META_PREFIX, "metadata")
+        size = _codec.stored_size(documents)
         check_size(sid, size, self.settings.max_session_bytes)
         attributes = {"user_id": user_id, "user_type": user_type, "ip_address": ip_address, "user_agent": user_agent}
-        pairs = [*codec.flatten(documents), *codec.encode_attributes(**attributes)]
+        pairs = [*_codec.flatten(documents), *_codec.encode_attributes(**attributes)]
         backend = await self._backend()
         fresh_session, created = await backend.ensure(sid, fresh, NewSession(dict(data or {}), dict(metadata or {}),
                                                                              attributes, pairs, size))
@@ -181,7 +181,7 @@ class SessionManager:
     @named_errors("get")
     async def get(self, session_id: str) -> Session | None:
         """The live session, or None. Reads Postgres on a Redis miss and warms Redis with what it finds."""
-        sid = codec.validate_session_id(session_id)
+        sid = _codec.validate_session_id(session_id)
         fresh = await (await self._backend()).get(sid)
         if fresh is None:
             self._sessions.forget(sid)
@@ -195,7 +195,7 @@ class SessionManager:
         timed = _UPDATE_ACTIVITY_TIMER.due()
         started = time.perf_counter() if timed else 0.0
         try:
-            sid = codec.validate_session_id(session_id)
+            sid = _codec.validate_session_id(session_id)
             if isinstance(request_duration_ms, bool) or not isinstance(request_duration_ms, (int, float)) \
                     or not 0 <= request_duration_ms < 2**53:
                 raise InvalidSessionData("request_duration_ms must be a non-negative number")
@@ -225,19 +225,19 @@ class SessionManager:
         if the session is still at that version, else ``VersionConflict``. Raises ``SessionNotFound`` if the
         session is missing, removed or expired, and ``SessionTooLarge`` (changing nothing) past the size limit.
         """
-        sid = codec.validate_session_id(session_id)
-        documents = codec.encode_document(data or {}, codec.DATA_PREFIX, "data")
-        documents += codec.encode_document(metadata or {}, codec.META_PREFIX, "metadata")
-        edits = paths.plan(set, unset)
-        documents += codec.encode_document(edits.top_set, codec.DATA_PREFIX, "set")
+        sid = _codec.validate_session_id(session_id)
+        documents = _codec.encode_document(data or {}, _codec.DATA_PREFIX, "data")
+        documents += _codec.encode_document(metadata or {}, _codec.META_PREFIX, "metadata")
+        edits = _paths.plan(set, unset)
+        documents += _codec.encode_document(edits.top_set, _codec.DATA_PREFIX, "set")
         if closed is not None and not isinstance(closed, bool):
             raise InvalidSessionData("closed must be True, False or None")
         if expected_version is not None and (isinstance(expected_version, bool)
                                              or not isinstance(expected_version, int)):
             raise InvalidSessionData("expected_version must be an integer")
         attributes = {"user_id": user_id, "user_type": user_type, "ip_address": ip_address, "user_agent": user_agent}
-        encoded_attributes = codec.encode_attributes(**attributes)
-        check_size(sid, codec.stored_size(documents), self.settings.max_session_bytes)
+        encoded_attributes = _codec.encode_attributes(**attributes)
+        check_size(sid, _codec.stored_size(documents), self.settings.max_session_bytes)
         change = Change(data, metadata, edits, documents, attributes, encoded_attributes, closed, expected_version)
         version, roots = await (await self._backend()).update(sid, change)
         self._sessions.changed(sid, version, data, metadata, edits, roots, attributes, closed)
@@ -246,7 +246,7 @@ class SessionManager:
     @named_errors("remove")
     async def remove(self, session_id: str) -> None:
         """Delete the session durably (a tombstone the flusher writes to Postgres). Silent if missing."""
-        sid = codec.validate_session_id(session_id)
+        sid = _codec.validate_session_id(session_id)
         await (await self._backend()).remove(sid)
         self._sessions.removed(sid)
 
@@ -255,7 +255,7 @@ class SessionManager:
     async def list_ids(self) -> list[str]:
         """Ids of the live sessions in Redis (all processes), in no particular order."""
         tiers = await self._open()
-        return list(await tiers.hot.live_sessions(codec.now_ms()))
+        return list(await tiers.hot.live_sessions(_codec.now_ms()))
 
     @named_errors("recover_all_sessions")
     async def recover_all_sessions(self, progress: Callable[[int, int], None] | None = None,
@@ -270,7 +270,7 @@ class SessionManager:
         async for page in tiers.store.iter_live(page_size):
             warmed = []
             for record in page:
-                pairs, expires_ms = codec.hash_from_record(record)
+                pairs, expires_ms = _codec.hash_from_record(record)
                 warmed.append((record.session_id, expires_ms, pairs))
             written += await tiers.hot.warm_many(warmed)
             done += len(page)
@@ -284,11 +284,11 @@ class SessionManager:
         """Expire timed-out sessions and remove closed ones, in both tiers. Returns how many."""
         tiers = await self._open()
         hot = tiers.hot
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         await hot.live_counts(now_ms)  # drops the live counts' buckets that have passed
         closed = 0
-        for sid, (state,) in (await hot.live_sessions(now_ms, [codec.STATE])).items():
-            if state == codec.STATE_CODES[CLOSED]:
+        for sid, (state,) in (await hot.live_sessions(now_ms, [_codec.STATE])).items():
+            if state == _codec.STATE_CODES[CLOSED]:
                 await self.remove(sid)
                 closed += 1
         expired = 0
@@ -296,9 +296,9 @@ class SessionManager:
             # Redis lets a flushed session lapse by its TTL; Postgres still says live until marked here. (One
             # that expired while dirty is written as expired by the flusher, with its event.)
             records = await tiers.store.mark_expired()
-            in_redis = await hot.read_fields([r.session_id for r in records], [codec.STATE, codec.EXPIRES])
+            in_redis = await hot.read_fields([r.session_id for r in records], [_codec.STATE, _codec.EXPIRES])
             for record, (state, expires) in zip(records, in_redis, strict=True):
-                if codec.is_live(state, expires, now_ms):
+                if _codec.is_live(state, expires, now_ms):
                     continue  # touched since its last flush: that flush makes the row live again
                 expired += 1
                 self.events.emit("expired", record.session_id, record.to_session())
@@ -337,14 +337,14 @@ class SessionManager:
         """Lag, backlog, live sessions and stored dead letters of the whole tier, as Redis says now (what
         ``metrics.refresh`` exports)."""
         tiers = await self._open()
-        return await tiers.hot.reading(codec.now_ms(), dead_letters=True)
+        return await tiers.hot.reading(_codec.now_ms(), dead_letters=True)
 
     # -- rotation, per-user index, events -----------------------------------------------------------------
     @named_errors("rotate")
     async def rotate(self, session_id: str) -> Session:
         """Move a live session to a fresh random id (session fixation defence, e.g. at login): data, counters
         and expiry move with it; the old id is tombstoned in both tiers and never works again."""
-        sid = codec.validate_session_id(session_id)
+        sid = _codec.validate_session_id(session_id)
         moved = await (await self._backend()).rotate(sid)
         self._sessions.removed(sid)
         return self._sessions.adopt(moved)
@@ -354,7 +354,7 @@ class SessionManager:
         """The user's live sessions, oldest first. Postgres's user_id index lists the flushed ones, the dirty
         index the rest (new sessions, a new owner): each candidate is then read and its owner checked. Without
         persistence, every live session in Redis is checked."""
-        uid = codec.validate_attribute("user_id", user_id)
+        uid = _codec.validate_attribute("user_id", user_id)
         if uid is None:
             raise InvalidSessionData("user_id must be a string")
         found = await (await self._backend()).user_sessions(uid)

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from .hot_tier import TierReading
+from ._hot_tier import TierReading
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

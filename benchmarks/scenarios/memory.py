@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from tiered_sessions import SessionManager
-from tiered_sessions.hot_tier import HotTier
+from tiered_sessions._hot_tier import HotTier
 
 from ..baselines.redis_py import RawRedis, redis_client
 from ..env import ATTRIBUTES, DATA, TIMEOUT_SECS, Env, new_session

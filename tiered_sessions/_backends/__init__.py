@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from .. import paths
+from .. import _paths
 from ..model import Session
 
 
@@ -30,7 +30,7 @@ class Change:
 
     data: Mapping[str, Any] | None
     metadata: Mapping[str, Any] | None
-    edits: paths.Edits  # set= and unset= paths
+    edits: _paths.Edits  # set= and unset= paths
     documents: list[tuple[bytes, bytes]]  # data, metadata and top-level set= keys, encoded
     attributes: Mapping[str, str | None]
     encoded_attributes: list[bytes | str]

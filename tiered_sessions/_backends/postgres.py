@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from .. import metrics
+from .._degraded import DegradedMode
 from ..cold_tier import PostgresSessionStore
 from ..config import Settings
-from ..degraded import DegradedMode
 from ..errors import RedisUnavailable, SessionNotFound, SessionTooLarge
 from ..model import CLOSED, ColdRecord, Session
 from . import Census, Change, NewSession

@@ -13,18 +13,18 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from .. import codec, metrics, paths
+from .. import _codec, _paths, metrics
 from .._backpressure import Backpressure
+from .._hot_tier import HotTier
 from .._replies import Status
 from ..cold_tier import PostgresSessionStore
 from ..config import Settings
 from ..errors import SessionLimitExceeded, SessionNotFound, SessionTooLarge, VersionConflict
-from ..hot_tier import HotTier
 from ..model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
 from . import Census, Change, NewSession
 
 R = TypeVar("R")
-_STATE_ARG = {None: b"", True: codec.STATE_CODES[CLOSED], False: codec.STATE_CODES[ACTIVE]}
+_STATE_ARG = {None: b"", True: _codec.STATE_CODES[CLOSED], False: _codec.STATE_CODES[ACTIVE]}
 _GUARD_ATTEMPTS = 20  # nested edits recomputed when a guarded field changed under them
 _ROTATE_ATTEMPTS = 5  # new ids drawn when one is taken (practically never)
 Loaded = tuple[dict[bytes, bytes] | None, int]
@@ -46,13 +46,13 @@ class RedisBackend:
         if not self.backpressure.open.is_set():
             await self.backpressure.admit()
         limit = self.settings.max_concurrent_sessions
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         reply = await self.hot.ensure(session_id, now_ms, check_cold=self.persist and not fresh, min_version=0,
                                       max_sessions=limit, size=new.size, pairs=new.pairs)
         if reply.status is Status.MISSING:
             fields, floor = await self.read_through(session_id)
             if fields is not None:
-                return codec.session_from_hash(session_id, fields), False
+                return _codec.session_from_hash(session_id, fields), False
             reply = await self.hot.ensure(session_id, now_ms, check_cold=False, min_version=floor,
                                           max_sessions=limit, size=new.size, pairs=new.pairs)
         if reply.status is Status.OVER_LIMIT:
@@ -60,7 +60,7 @@ class RedisBackend:
         assert reply.fields is not None
         if reply.status is Status.EXISTING:
             metrics.READS.labels("hot").inc()
-        return codec.session_from_hash(session_id, reply.fields), reply.status is Status.CREATED
+        return _codec.session_from_hash(session_id, reply.fields), reply.status is Status.CREATED
 
     async def get(self, session_id: str) -> Session | None:
         fields: dict[bytes, bytes] | None = await self.hot.read(session_id)
@@ -68,10 +68,10 @@ class RedisBackend:
             metrics.READS.labels("hot").inc()
         elif self.persist:
             fields, _ = await self.read_through(session_id)
-        if not fields or not _is_live(fields, codec.now_ms()):
+        if not fields or not _is_live(fields, _codec.now_ms()):
             metrics.READS.labels("miss").inc()  # absent, removed or expired: nothing served
             return None
-        return codec.session_from_hash(session_id, fields)
+        return _codec.session_from_hash(session_id, fields)
 
     async def touch(self, session_id: str, duration_ms: int, held: Session | None) -> bool:
         if not self.backpressure.open.is_set():
@@ -102,19 +102,19 @@ class RedisBackend:
         edits = change.edits
         roots: dict[str, Any] = {}
         for _attempt in range(_GUARD_ATTEMPTS):
-            unset_fields = [paths.field(key) for key in edits.top_unset]
-            pairs = codec.flatten(change.documents)
+            unset_fields = [_paths.field(key) for key in edits.top_unset]
+            pairs = _codec.flatten(change.documents)
             guards: list[bytes] = []
             if edits.roots:  # nested paths: edit the current values, guarded against concurrent changes
-                current = await self.hot.read_fields_of(sid, [paths.field(root) for root in edits.roots])
-                roots = paths.apply(edits, dict(zip(edits.roots, current, strict=True)))
-                nested = codec.encode_document(roots, codec.DATA_PREFIX, "set")
-                check_size(sid, codec.stored_size(change.documents + nested), self.settings.max_session_bytes)
-                pairs += codec.flatten(nested)
+                current = await self.hot.read_fields_of(sid, [_paths.field(root) for root in edits.roots])
+                roots = _paths.apply(edits, dict(zip(edits.roots, current, strict=True)))
+                nested = _codec.encode_document(roots, _codec.DATA_PREFIX, "set")
+                check_size(sid, _codec.stored_size(change.documents + nested), self.settings.max_session_bytes)
+                pairs += _codec.flatten(nested)
                 for root, raw in zip(edits.roots, current, strict=True):
-                    guards += (paths.field(root), raw or b"")
-                unset_fields += [paths.field(root) for root in edits.roots if root not in roots]
-            once = functools.partial(self.hot.update, sid, codec.now_ms(), state=_STATE_ARG[change.closed],
+                    guards += (_paths.field(root), raw or b"")
+                unset_fields += [_paths.field(root) for root in edits.roots if root not in roots]
+            once = functools.partial(self.hot.update, sid, _codec.now_ms(), state=_STATE_ARG[change.closed],
                                      pairs=pairs, attributes=change.encoded_attributes, unset=unset_fields,
                                      guards=guards, expected_version=change.expected_version)
             reply = await once()
@@ -135,7 +135,7 @@ class RedisBackend:
         return reply.value, roots
 
     async def remove(self, session_id: str) -> None:
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         reply = await self.hot.remove(session_id, now_ms, check_cold=self.persist, min_version=0)
         if reply.status is Status.MISSING and self.store is not None:
             # Not in Redis: a session only Postgres knows still gets its tombstone.
@@ -145,10 +145,10 @@ class RedisBackend:
 
     async def rotate(self, session_id: str) -> Session:
         partitions = self.hot.partitions
-        partition = codec.partition_of(session_id, partitions)
+        partition = _codec.partition_of(session_id, partitions)
         for _attempt in range(_ROTATE_ATTEMPTS):
             new_id = _random_id_in(partition, partitions)  # same partition: one script, one cluster slot
-            once = functools.partial(self.hot.rotate, session_id, new_id, codec.now_ms())
+            once = functools.partial(self.hot.rotate, session_id, new_id, _codec.now_ms())
             reply = await once()
             if reply.status is Status.MISSING and self.persist:
                 reply = await self._read_through_then(session_id, once, reply)
@@ -156,13 +156,13 @@ class RedisBackend:
                 break
         if reply.fields is None:
             raise SessionNotFound(f"session {session_id} does not exist, was removed or has expired")
-        return codec.session_from_hash(new_id, reply.fields)
+        return _codec.session_from_hash(new_id, reply.fields)
 
     async def user_sessions(self, user_id: str) -> list[Session]:
         if self.persist:
             candidates = dict.fromkeys(await self.hot.dirty_ids_of_user(user_id))
         else:
-            live = await self.hot.live_sessions(codec.now_ms(), [codec.ATTRIBUTE_FIELDS["user_id"]])
+            live = await self.hot.live_sessions(_codec.now_ms(), [_codec.ATTRIBUTE_FIELDS["user_id"]])
             candidates = dict.fromkeys(sid for sid, (owner,) in live.items() if owner == user_id.encode())
         if self.store is not None:
             candidates.update(dict.fromkeys(await self.store.user_session_ids(user_id)))
@@ -170,15 +170,15 @@ class RedisBackend:
         return [s for s in sessions if s is not None and s.user_id == user_id]
 
     async def census(self) -> Census:
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         reading = await self.hot.reading(now_ms)
         ages: list[float] = []
         active = 0
-        for created, state in (await self.hot.live_sessions(now_ms, [codec.CREATED, codec.STATE])).values():
+        for created, state in (await self.hot.live_sessions(now_ms, [_codec.CREATED, _codec.STATE])).values():
             if created is None:
                 continue
             ages.append((now_ms - int(created)) / 1000)
-            active += state == codec.STATE_CODES[ACTIVE]
+            active += state == _codec.STATE_CODES[ACTIVE]
         return Census("normal", len(ages), active, ages, reading.dirty_sessions, reading.flush_lag_seconds)
 
     # -- read-through -------------------------------------------------------------------------------------
@@ -215,11 +215,11 @@ class RedisBackend:
             return None, 0
         if not record.is_live(time.time()):
             return None, record.version
-        pairs, expires_ms = codec.hash_from_record(record)
+        pairs, expires_ms = _codec.hash_from_record(record)
         written, fields = await self.hot.warm(sid, expires_ms, pairs)
         metrics.READS.labels("cold" if written else "hot").inc()
-        if not _is_live(fields, codec.now_ms()):
-            return None, int(fields.get(codec.VERSION, 0))
+        if not _is_live(fields, _codec.now_ms()):
+            return None, int(fields.get(_codec.VERSION, 0))
         return fields, record.version
 
 
@@ -232,9 +232,9 @@ def check_size(sid: str, size: int, limit: int) -> None:
 def _random_id_in(partition: int, partitions: int) -> str:
     while True:
         candidate = secrets.token_urlsafe(32)
-        if codec.partition_of(candidate, partitions) == partition:
+        if _codec.partition_of(candidate, partitions) == partition:
             return candidate
 
 
 def _is_live(fields: Mapping[bytes, bytes], now_ms: int) -> bool:
-    return codec.is_live(fields.get(codec.STATE), fields.get(codec.EXPIRES), now_ms)
+    return _codec.is_live(fields.get(_codec.STATE), fields.get(_codec.EXPIRES), now_ms)

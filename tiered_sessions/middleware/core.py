@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from itsdangerous import BadSignature, TimestampSigner
 
-from ..codec import validate_session_id
+from .._codec import validate_session_id
 from ..errors import ConfigurationError, InvalidSessionData, InvalidSessionId, SessionAlreadySaved, SessionNotFound
 
 if TYPE_CHECKING:

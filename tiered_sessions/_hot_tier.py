@@ -10,13 +10,13 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis, RedisCluster
 
-from . import _replies, codec, scripts
+from . import _codec, _replies, _scripts
+from ._codec import pairs_to_dict, partition_of
 from ._keyspace import KeySpace
+from ._pipelining import AutoPipeline
+from ._redis_client import RedisClient, executed
 from ._replies import Reply
-from .codec import pairs_to_dict, partition_of
 from .config import Settings
-from .pipelining import AutoPipeline
-from .redis_client import RedisClient, executed
 
 
 class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen dataclass is slower to build
@@ -78,7 +78,7 @@ class HotTier(KeySpace):
     async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:
         """Record ``layout`` unless a process did (layout.lua); returns the layout as recorded."""
         flat = [item for pair in layout.items() for item in pair]
-        reply = await self.pipeline.evalsha(scripts.LAYOUT, [self.layout_key], flat)
+        reply = await self.pipeline.evalsha(_scripts.LAYOUT, [self.layout_key], flat)
         return {reply[i].decode(): reply[i + 1].decode() for i in range(0, len(reply), 2)}
 
     # -- hot path: one round trip each -------------------------------------------------------------------
@@ -99,8 +99,8 @@ class HotTier(KeySpace):
         slot = partition if self.cluster else None
         if journal_version is None:
             shared = self._counters_shared if counters else self._touch_shared
-            return self.pipeline.combined(scripts.TOUCH, shared, session, (duration_ms,), slot)
-        return self.pipeline.combined(scripts.TOUCH, self._replay_shared, session, (duration_ms, journal_version),
+            return self.pipeline.combined(_scripts.TOUCH, shared, session, (duration_ms,), slot)
+        return self.pipeline.combined(_scripts.TOUCH, self._replay_shared, session, (duration_ms, journal_version),
                                       slot)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
@@ -116,7 +116,7 @@ class HotTier(KeySpace):
         elif max_sessions:
             all_keys += self.counts_keys
         reply = await self.pipeline.evalsha(
-            scripts.ENSURE, all_keys,
+            _scripts.ENSURE, all_keys,
             [now_ms, self.timeout_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
              limit_arg, size, self.bucket_ms, *pairs],
         )
@@ -129,7 +129,7 @@ class HotTier(KeySpace):
         """``pairs``/``guards`` are flat field, value lists; a guard's value ``b""`` means "field absent"."""
         keys = self.keys(session_id)
         reply = await self.pipeline.evalsha(
-            scripts.UPDATE, [keys.session, keys.dirty],
+            _scripts.UPDATE, [keys.session, keys.dirty],
             [now_ms, session_id, self.max_bytes, self.persist, state, len(pairs) // 2,
              "" if journal_version is None else journal_version,
              "" if expected_version is None else expected_version, len(unset), len(guards) // 2,
@@ -147,7 +147,7 @@ class HotTier(KeySpace):
     async def rotate(self, old_id: str, new_id: str, now_ms: int) -> Reply:
         old, new = self.keys(old_id), self.keys(new_id)
         assert old.dirty == new.dirty, "rotate needs both ids in one partition"
-        reply = await self.pipeline.evalsha(scripts.ROTATE, [old.session, new.session, old.dirty],
+        reply = await self.pipeline.evalsha(_scripts.ROTATE, [old.session, new.session, old.dirty],
                                             [now_ms, old_id, new_id, self.persist])
         return _replies.rotate(reply)
 
@@ -157,7 +157,7 @@ class HotTier(KeySpace):
         found: dict[str, None] = {}  # ZSCAN may return an entry twice
         cursors: dict[int, bytes | int] = dict.fromkeys(range(self.partitions), 0)
         while cursors:
-            calls = [(scripts.DIRTY_OF_USER, [self.dirty_key(p)], [self.session_key_prefix(p), user_id, cursor, page])
+            calls = [(_scripts.DIRTY_OF_USER, [self.dirty_key(p)], [self.session_key_prefix(p), user_id, cursor, page])
                      for p, cursor in cursors.items()]
             replies = await self.pipeline.run_scripts(calls)
             for p, reply in zip(list(cursors), replies, strict=True):
@@ -173,15 +173,15 @@ class HotTier(KeySpace):
         keys = self.keys(session_id)
         args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
                            self.bucket_ms, "" if journal_version is None else journal_version]
-        return _replies.remove(int(await self.pipeline.evalsha(scripts.REMOVE, [keys.session, keys.dirty, keys.counts],
+        return _replies.remove(int(await self.pipeline.evalsha(_scripts.REMOVE, [keys.session, keys.dirty, keys.counts],
                                                                 args)))
 
     # -- read-through and recovery ------------------------------------------------------------------------
     def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool
-                   ) -> tuple[scripts.LuaScript, list[str], list[Any]]:
+                   ) -> tuple[_scripts.LuaScript, list[str], list[Any]]:
         keys = self.keys(session_id)
-        return scripts.WARM, [keys.session, keys.counts], [session_id, expires_ms, "1" if reply else "0",
-                                                           codec.now_ms(), self.bucket_ms, *pairs]
+        return _scripts.WARM, [keys.session, keys.counts], [session_id, expires_ms, "1" if reply else "0",
+                                                           _codec.now_ms(), self.bucket_ms, *pairs]
 
     async def warm(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int]
                    ) -> tuple[bool, dict[bytes, bytes]]:
@@ -200,7 +200,7 @@ class HotTier(KeySpace):
     async def claim(self, partition: int, limit: int, max_score_ms: int, now_ms: int) -> list[DirtyEntry]:
         """The oldest dirty entries of a partition (dirty at or before ``max_score_ms``), at most ``limit``. A
         row whose expiry is at or before ``now_ms`` comes as expired."""
-        reply = await self.pipeline.evalsha(scripts.CLAIM, [self.dirty_key(partition)],
+        reply = await self.pipeline.evalsha(_scripts.CLAIM, [self.dirty_key(partition)],
                                             [self.session_key_prefix(partition), limit, max_score_ms, now_ms,
                                              self.quarantine_key_prefix(partition)])
         return [DirtyEntry(partition, reply[i].decode(), int(reply[i + 1] or 0), _KINDS[reply[i + 2] or b""],
@@ -218,7 +218,7 @@ class HotTier(KeySpace):
             flat: list[str | int] = []
             for session_id, version, kept in entries:
                 flat += (session_id, version, "1" if kept else "0")
-            calls.append((scripts.ACK, [self.dirty_key(partition), self.lease_key(partition)],
+            calls.append((_scripts.ACK, [self.dirty_key(partition), self.lease_key(partition)],
                           [self.session_key_prefix(partition), self.tombstone_ttl_ms, read_ms,
                            tokens.get(partition, ""), *flat]))
         replies = await self.pipeline.run_scripts(calls)
@@ -239,18 +239,18 @@ class HotTier(KeySpace):
         for session_id, version in zip(session_ids, above, strict=True):
             keys = self.keys(session_id)
             args: list[str | int] = [now_ms, session_id] if version is None else [now_ms, session_id, version]
-            calls.append((scripts.REDIRTY, [keys.session, keys.dirty], args))
+            calls.append((_scripts.REDIRTY, [keys.session, keys.dirty], args))
         replies: list[Any] = await self.pipeline.run_scripts(calls)
         return replies
 
     # -- flusher leases -----------------------------------------------------------------------------------
     async def take_leases(self, partitions: Sequence[int], token: str, lease_ms: int) -> list[bool]:
         """Take (if free) or renew (if ours) each partition's lease; True where we hold it now."""
-        calls = [(scripts.LEASE, [self.lease_key(p)], [token, lease_ms]) for p in partitions]
+        calls = [(_scripts.LEASE, [self.lease_key(p)], [token, lease_ms]) for p in partitions]
         return [bool(reply) for reply in await self.pipeline.run_scripts(calls)]
 
     async def release_leases(self, partitions: Sequence[int], token: str) -> None:
-        calls = [(scripts.LEASE_RELEASE, [self.lease_key(p)], [token]) for p in partitions]
+        calls = [(_scripts.LEASE_RELEASE, [self.lease_key(p)], [token]) for p in partitions]
         await self.pipeline.run_scripts(calls)
 
     async def heartbeat(self, flusher_id: str, now_ms: int, live_ms: int, forget_ms: int) -> list[str]:
@@ -313,7 +313,7 @@ class HotTier(KeySpace):
     async def live_counts(self, now_ms: int) -> list[int]:
         """Live sessions per partition, exact to one expiry bucket (sessions that expired within now's bucket
         still count); drops the buckets that have passed."""
-        calls = [(scripts.LIVE_COUNT, [key], [now_ms, self.bucket_ms]) for key in self.counts_keys]
+        calls = [(_scripts.LIVE_COUNT, [key], [now_ms, self.bucket_ms]) for key in self.counts_keys]
         return [int(count) for count in await self.pipeline.run_scripts(calls)]
 
     async def live_count(self, now_ms: int) -> int:
@@ -339,8 +339,8 @@ class HotTier(KeySpace):
         for start in range(0, len(ids), page):
             chunk = ids[start:start + page]
             for sid, (state, expires, *values) in zip(
-                    chunk, await self.read_fields(chunk, [codec.STATE, codec.EXPIRES, *fields]), strict=True):
-                if codec.is_live(state, expires, now_ms):
+                    chunk, await self.read_fields(chunk, [_codec.STATE, _codec.EXPIRES, *fields]), strict=True):
+                if _codec.is_live(state, expires, now_ms):
                     live[sid] = values
         return live
 

@@ -28,10 +28,10 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .codec import now_ms
-from .pipelined_connection import PipelinedConnection
-from .redis_client import RedisClient, executed
-from .scripts import LuaScript
+from ._codec import now_ms
+from ._pipelined_connection import PipelinedConnection
+from ._redis_client import RedisClient, executed
+from ._scripts import LuaScript
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator
 
 from . import metrics
 from ._failures import BACKGROUND
+from ._hot_tier import HotTier
+from ._journal import Journal
+from ._supervisor import Supervisor
 from .config import Settings
-from .hot_tier import HotTier
-from .journal import Journal
-from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

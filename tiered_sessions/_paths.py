@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .codec import DATA_PREFIX, check_json
+from ._codec import DATA_PREFIX, check_json
 from .errors import InvalidSessionData
 
 

@@ -17,15 +17,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from . import codec, metrics
+from . import _codec, metrics
+from ._dead_letters import DeadLetters
 from ._failures import REDIS_ERRORS, RETRYABLE, ROW_ERRORS
 from ._flush_retry import Outage, PartitionBackoff, retrying
+from ._hot_tier import DirtyEntry, HotTier
+from ._journal import Journal
 from ._leases import LeaseHolder
 from .cold_tier import PostgresSessionStore, Refusal
 from .config import Settings
-from .dead_letters import DeadLetters
-from .hot_tier import DirtyEntry, HotTier
-from .journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Flusher(LeaseHolder):
             for partition in group:
                 if not self.backoff.due(partition):
                     continue
-                read_ms = codec.now_ms()
+                read_ms = _codec.now_ms()
                 try:
                     entries = await self.hot.claim(partition, self.batch_size, max_score_ms or read_ms, read_ms)
                     result.claimed += len(entries)
@@ -174,7 +174,7 @@ class Flusher(LeaseHolder):
         after_journal = {sid for sid, refusal in rows.items() if refusal.journaled}
         ids = sorted(rows)
         above = [None if sid in after_journal else rows[sid].version for sid in ids]
-        rebased = sum(await self.hot.rebase(ids, codec.now_ms(), above))
+        rebased = sum(await self.hot.rebase(ids, _codec.now_ms(), above))
         if rebased:  # not a newer flush of the same copy, which this copy has already passed
             metrics.FLUSH_REFUSED.inc(rebased)
             log.warning("PostgreSQL holds newer versions of %d sessions than their Redis copies (Redis restored "
@@ -228,7 +228,7 @@ class Flusher(LeaseHolder):
 
     async def update_gauges(self) -> tuple[int, float]:
         """Refresh the backlog and lag gauges from Redis; returns (dirty sessions, lag seconds)."""
-        reading = await self.hot.reading(codec.now_ms())
+        reading = await self.hot.reading(_codec.now_ms())
         metrics.export(reading)
         return reading.dirty_sessions, reading.flush_lag_seconds
 
@@ -281,7 +281,7 @@ class Flusher(LeaseHolder):
         (they stay in Redis for the next flusher), plus the journal entries still pending (another replayer
         holds them): 0 means everything acknowledged before the call is in Postgres."""
         deadline = time.monotonic() + timeout
-        up_to = codec.now_ms() if only_dirty_before_now else None
+        up_to = _codec.now_ms() if only_dirty_before_now else None
         journaled = 0  # journal entries still pending: the copies they belong to lack them
         done: dict[str, int] = {}  # session id -> version this call wrote (0: a mark with no hash)
         deferred: dict[str, int] = {}  # session id -> version refused until the journal replay folds entries in
@@ -323,7 +323,7 @@ class Flusher(LeaseHolder):
             for partition in group:
                 full = True
                 while full and time.monotonic() < deadline:
-                    read_ms = codec.now_ms()
+                    read_ms = _codec.now_ms()
                     limit = self.batch_size + extra[partition]
                     entries = await self.hot.claim(partition, limit, up_to or read_ms, read_ms)
                     new = [e for e in entries

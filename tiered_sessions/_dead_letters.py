@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from . import codec, metrics
-from .codec import hash_from_record
+from . import _codec, metrics
+from ._codec import hash_from_record
+from ._hot_tier import DirtyEntry, HotTier
 from .cold_tier import ColdRecord
-from .hot_tier import DirtyEntry, HotTier
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class DeadLetters:
         Redis no longer holds is first put back from the dead letter's copy. Returns how many."""
         letters = {letter.session_id: letter for letter in await self.list()}
         chosen = list(letters) if session_ids is None else [sid for sid in session_ids if sid in letters]
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         for sid in chosen:
             if not letters[sid].row:
                 log.warning("dead letter %s is a quarantined key, not a row: inspect it, then drop it", sid)

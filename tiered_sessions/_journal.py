@@ -15,11 +15,11 @@ import asyncio
 import logging
 from typing import Any
 
-from . import codec, metrics
+from . import _codec, metrics
+from ._codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
+from ._hot_tier import HotTier
 from ._replies import Status
-from .codec import DATA_PREFIX, FOLDED, META_PREFIX, STATE, STATE_CODES, encode_attributes, split_document
 from .cold_tier import JournalEntry, PostgresSessionStore
-from .hot_tier import HotTier
 from .model import REMOVED
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Journal:
         if op == "touch":
             await self.hot.touch(sid, int(args["duration_ms"]), journal_version=version)
             return
-        now_ms = codec.now_ms()
+        now_ms = _codec.now_ms()
         if op == "merge":
             pairs = [item for pair in split_document(args["data"], DATA_PREFIX)
                      + split_document(args["metadata"], META_PREFIX) for item in pair]
