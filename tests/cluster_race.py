@@ -17,8 +17,9 @@ import sys
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from tiered_sessions.embedded_cluster import LocalCluster
 from tiered_sessions.redis_client import plain_url
+
+from .local_cluster import LocalCluster
 
 TASKS = 64
 
