@@ -15,7 +15,8 @@ from pathlib import Path
 
 import redis
 
-from tiered_sessions.embedded import RedisServer, _PortInUseError, find_redis_server
+from tiered_sessions.embedded import RedisServer, find_redis_server
+from tiered_sessions.embedded._lifecycle import PortInUseError
 from tiered_sessions.errors import EmbeddedServerError
 
 
@@ -45,7 +46,7 @@ class LocalCluster:
                 try:
                     self.nodes[i].start()
                     break
-                except _PortInUseError:  # taken between our check and the server's bind: another free pair
+                except PortInUseError:  # taken between our check and the server's bind: another free pair
                     if attempt == 4:
                         raise
                     self.nodes[i] = self._node(i)
