@@ -24,6 +24,7 @@ from tiered_sessions.embedded import (
     _binaries,
     _lifecycle,
     _privileges,
+    _probes,
     _processes,
 )
 
@@ -139,6 +140,18 @@ def test_redis_retries_when_chosen_port_is_taken(monkeypatch: pytest.MonkeyPatch
             client.close()
 
 
+def test_redis_probe_names_the_problem_never_the_password() -> None:
+    with RedisServer(password="the-server-password") as server:
+        assert server._proc is not None
+        secret = "the-probe-password"
+        with pytest.raises(_probes.ProbeError, match="AuthenticationError") as refused:
+            _probes.redis_ready("127.0.0.1", server.port, password=secret, pid=server._proc.pid)
+        assert secret not in str(refused.value)
+        assert refused.value.__suppress_context__  # the driver's exception is not chained into tracebacks
+        with pytest.raises(_probes.ProbeError, match="another Redis process"):
+            _probes.redis_ready("127.0.0.1", server.port, password="the-server-password", pid=server._proc.pid + 1)
+
+
 def test_redis_env_override_must_be_executable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(embedded.REDIS_SERVER_ENV, str(tmp_path / "missing-redis-server"))
     with pytest.raises(EmbeddedServerError, match=embedded.REDIS_SERVER_ENV):
@@ -202,6 +215,17 @@ def test_postgres_kill_restart_keeps_committed_rows() -> None:
         assert _refuses_connections(port)
         data_dir = server.data_dir
     assert not data_dir.exists()
+
+
+async def test_postgres_probe_runs_inside_a_running_event_loop(postgres_server: PostgresServer) -> None:
+    """``tiered-sessions demo`` starts the servers from a coroutine: the asyncpg probe brings its own loop."""
+    if not postgres_server.is_running():
+        postgres_server.start()
+    _probes.postgres_ready("127.0.0.1", postgres_server.port)
+    with socket.socket() as bound:  # bound, not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        with pytest.raises(_probes.ProbeError, match="ConnectionRefusedError"):
+            _probes.postgres_ready("127.0.0.1", bound.getsockname()[1])
 
 
 @pytest.fixture
