@@ -21,9 +21,9 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
+from tests.local_cluster import LocalCluster
 from tiered_sessions import SessionManager, Settings
 from tiered_sessions.embedded import PostgresServer, RedisServer
-from tiered_sessions.embedded_cluster import LocalCluster
 from tiered_sessions.migrate import migrate
 
 CORES = os.cpu_count() or 1

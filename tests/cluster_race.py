@@ -18,7 +18,8 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from tiered_sessions._redis_client import plain_url
-from tiered_sessions.embedded_cluster import LocalCluster
+
+from .local_cluster import LocalCluster
 
 TASKS = 64
 

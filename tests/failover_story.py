@@ -33,8 +33,9 @@ from redis.crc import key_slot
 from tiered_sessions import SessionManager, Settings
 from tiered_sessions._codec import partition_of
 from tiered_sessions.embedded import PostgresServer, RedisServer
-from tiered_sessions.embedded_cluster import LocalCluster
 from tiered_sessions.migrate import migrate
+
+from .local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSIONS = 300

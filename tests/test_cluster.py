@@ -17,11 +17,11 @@ import asyncpg
 import pytest
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.embedded_cluster import LocalCluster
 from tiered_sessions.errors import BackendUnavailable, SessionLimitExceeded
 from tiered_sessions.migrate import migrate
 
 from .helpers import pg_row, pg_rows
+from .local_cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")

