@@ -99,6 +99,16 @@ class Settings:
             raise ConfigurationError(f"key_prefix must be 1-32 of [A-Za-z0-9_.-], got {self.key_prefix!r}")
 
     @classmethod
+    def merged(cls, settings: Settings | None, given: Mapping[str, Any]) -> Settings:
+        """``settings`` (else the environment's) with the arguments ``given`` explicitly (not ``UNSET``; for
+        the two URLs, not ``None``) in their place."""
+        if settings is None:
+            return cls.from_env(**given)
+        explicit = {key: value for key, value in given.items() if value is not UNSET
+                    and not (value is None and key in ("redis_url", "database_url"))}
+        return dataclasses.replace(settings, **explicit)
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Explicit ``overrides`` win over the environment, which wins over defaults.
 

@@ -9,7 +9,6 @@ Connections are opened and closed together (``_tiers``); every long-lived task r
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from . import _codec, _paths, metrics
+from . import _codec, _paths, _tier_admin, metrics
 from ._backends import Backend, Census, Change, NewSession
 from ._backends.postgres import PostgresBackend
 from ._backends.redis import RedisBackend, check_size
@@ -35,7 +34,7 @@ from .config import UNSET, Settings
 from .errors import ConfigurationError, InvalidSessionData
 from .events import EventHub, Listener
 from .locks import SessionLock
-from .model import ACTIVE, CLOSED, Session
+from .model import ACTIVE, Session
 
 log = logging.getLogger(__name__)
 _UPDATE_ACTIVITY_TIMER = metrics.OperationTimer("update_activity")
@@ -64,18 +63,12 @@ class SessionManager:
         settings: Settings | None = None,
         **more_settings: Any,
     ) -> None:
-        given: dict[str, Any] = {
+        self.settings = Settings.merged(settings, {
             "redis_url": redis_url, "database_url": database_url, "session_timeout_secs": session_timeout_secs,
             "max_concurrent_sessions": max_concurrent_sessions, "cleanup_interval_secs": cleanup_interval_secs,
             "enable_persistence": enable_persistence, "run_flusher": run_flusher,
             "flush_interval_secs": flush_interval_secs, "flush_batch_size": flush_batch_size, **more_settings,
-        }
-        if settings is None:
-            self.settings = Settings.from_env(**given)
-        else:
-            explicit: dict[str, Any] = {key: value for key, value in given.items() if value is not UNSET
-                                        and not (value is None and key in ("redis_url", "database_url"))}
-            self.settings = dataclasses.replace(settings, **explicit)
+        })
         self.session_timeout_secs = self.settings.session_timeout_secs
         self.max_concurrent_sessions = self.settings.max_concurrent_sessions
         self.enable_persistence = self.settings.enable_persistence
@@ -262,48 +255,21 @@ class SessionManager:
                                    page_size: int = 1000) -> int:
         """Warm every live session from Postgres into Redis (keeping any newer copy Redis has). Returns how
         many sessions were put (back) into Redis. ``progress(done, total)`` is called after every page."""
-        tiers = await self._open()
-        if tiers.store is None:
-            return 0
-        total = await tiers.store.count_live()
-        done = written = 0
-        async for page in tiers.store.iter_live(page_size):
-            warmed = []
-            for record in page:
-                pairs, expires_ms = _codec.hash_from_record(record)
-                warmed.append((record.session_id, expires_ms, pairs))
-            written += await tiers.hot.warm_many(warmed)
-            done += len(page)
-            if progress is not None:
-                progress(done, max(total, done))
-        log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
-        return written
+        return await _tier_admin.recover(await self._open(), progress, page_size)
 
     @named_errors("cleanup_stale_sessions")
     async def cleanup_stale_sessions(self) -> int:
         """Expire timed-out sessions and remove closed ones, in both tiers. Returns how many."""
         tiers = await self._open()
-        hot = tiers.hot
         now_ms = _codec.now_ms()
-        await hot.live_counts(now_ms)  # drops the live counts' buckets that have passed
-        closed = 0
-        for sid, (state,) in (await hot.live_sessions(now_ms, [_codec.STATE])).items():
-            if state == _codec.STATE_CODES[CLOSED]:
-                await self.remove(sid)
-                closed += 1
-        expired = 0
-        if tiers.store is not None:
-            # Redis lets a flushed session lapse by its TTL; Postgres still says live until marked here. (One
-            # that expired while dirty is written as expired by the flusher, with its event.)
-            records = await tiers.store.mark_expired()
-            in_redis = await hot.read_fields([r.session_id for r in records], [_codec.STATE, _codec.EXPIRES])
-            for record, (state, expires) in zip(records, in_redis, strict=True):
-                if _codec.is_live(state, expires, now_ms):
-                    continue  # touched since its last flush: that flush makes the row live again
-                expired += 1
-                self.events.emit("expired", record.session_id, record.to_session())
+        closed = await _tier_admin.closed_sessions(tiers, now_ms)
+        for sid in closed:
+            await self.remove(sid)
+        expired = await _tier_admin.expire_in_postgres(tiers, now_ms)
+        for record in expired:
+            self.events.emit("expired", record.session_id, record.to_session())
         self._sessions.forget_expired(now_ms / 1000)
-        return expired + closed
+        return len(expired) + len(closed)
 
     @named_errors("get_session_metrics")
     async def get_session_metrics(self) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""Whole-tier work any process may do: warm Redis from Postgres (``recover``), and the sweep's two reads
+(``closed_sessions``, ``expire_in_postgres``). Work in proportion to the sessions stored: for the CLI and the
+periodic cleanup, never the hot path."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import _codec
+from ._tiers import Tiers
+from .model import CLOSED, ColdRecord
+
+log = logging.getLogger(__name__)
+
+
+async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, page_size: int) -> int:
+    """Warm every live session from Postgres into Redis (keeping any newer copy Redis has); returns how many
+    were put (back) into Redis. ``progress(done, total)`` after every page."""
+    if tiers.store is None:
+        return 0
+    total = await tiers.store.count_live()
+    done = written = 0
+    async for page in tiers.store.iter_live(page_size):
+        warmed = []
+        for record in page:
+            pairs, expires_ms = _codec.hash_from_record(record)
+            warmed.append((record.session_id, expires_ms, pairs))
+        written += await tiers.hot.warm_many(warmed)
+        done += len(page)
+        if progress is not None:
+            progress(done, max(total, done))
+    log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
+    return written
+
+
+async def closed_sessions(tiers: Tiers, now_ms: int) -> list[str]:
+    """Ids of the closed sessions Redis holds (to remove); drops the live counts' buckets that have passed."""
+    await tiers.hot.live_counts(now_ms)
+    live = await tiers.hot.live_sessions(now_ms, [_codec.STATE])
+    return [sid for sid, (state,) in live.items() if state == _codec.STATE_CODES[CLOSED]]
+
+
+async def expire_in_postgres(tiers: Tiers, now_ms: int) -> list[ColdRecord]:
+    """Mark the timed-out rows expired in Postgres; returns those Redis does not hold alive either. (Redis lets
+    a flushed session lapse by its TTL; Postgres says live until marked here. One that expired while dirty is
+    written as expired by the flusher.)"""
+    if tiers.store is None:
+        return []
+    records = await tiers.store.mark_expired()
+    in_redis = await tiers.hot.read_fields([r.session_id for r in records], [_codec.STATE, _codec.EXPIRES])
+    # One touched since its last flush is not expired: that flush makes the row live again.
+    return [record for record, (state, expires) in zip(records, in_redis, strict=True)
+            if not _codec.is_live(state, expires, now_ms)]
