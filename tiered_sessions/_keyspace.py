@@ -17,6 +17,7 @@ as a small session's own hash. Listing scans the session keys; the per-user list
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ._codec import partition_of
@@ -29,10 +30,28 @@ class SessionKeys(NamedTuple):  # a tuple: built on every call, and cheaper to b
     counts: str
 
 
+def _in_partition(suffix: str) -> Callable[[KeySpace, int], str]:
+    """A key (or key prefix) of one partition: ``{prefix}:{pN}:<suffix>``."""
+
+    def key(self: KeySpace, partition: int) -> str:
+        return self.partition_prefix(partition) + suffix
+
+    return key
+
+
 class KeySpace:
+    session_key_prefix = _in_partition("s:")
+    dirty_key = _in_partition("dirty")
+    counts_key = _in_partition("expiring")
+    lease_key = _in_partition("lease")
+    dead_letters_key = _in_partition("dead")
+    quarantine_key_prefix = _in_partition("quarantine:")  # where claim.lua moves a key that is not a session hash
+
     def __init__(self, prefix: str, partitions: int) -> None:
         self.prefix = prefix
         self.partitions = partitions
+        self.layout_key = f"{prefix}:layout"
+        self.flushers_key = f"{prefix}:flushers"
         self.counts_keys = [self.counts_key(p) for p in range(partitions)]
         # Per partition: the session key prefix, the dirty index and the live counts (what keys() puts together).
         self._partition_keys = [(self.session_key_prefix(p), self.dirty_key(p), self.counts_key(p))
@@ -40,33 +59,6 @@ class KeySpace:
 
     def partition_prefix(self, partition: int) -> str:
         return f"{self.prefix}:{{p{partition}}}:"
-
-    def session_key_prefix(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "s:"
-
-    def quarantine_key_prefix(self, partition: int) -> str:
-        """Where claim.lua moves a key that is not a session hash (``{prefix}:{pN}:quarantine:<id>``)."""
-        return self.partition_prefix(partition) + "quarantine:"
-
-    def dirty_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "dirty"
-
-    def counts_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "expiring"
-
-    def dead_letters_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "dead"
-
-    def lease_key(self, partition: int) -> str:
-        return self.partition_prefix(partition) + "lease"
-
-    @property
-    def layout_key(self) -> str:
-        return f"{self.prefix}:layout"
-
-    @property
-    def flushers_key(self) -> str:
-        return f"{self.prefix}:flushers"
 
     def keys(self, session_id: str) -> SessionKeys:
         partition = partition_of(session_id, self.partitions)

@@ -57,8 +57,8 @@ BACKEND_ERRORS = Counter("tiered_sessions_backend_errors_total", "Failed calls t
 DEAD_LETTERS = Counter("tiered_sessions_dead_letters_total", "Rows Postgres rejected, moved to the dead-letter store.")
 BACKPRESSURE_REJECTIONS = Counter("tiered_sessions_backpressure_rejections_total",
                                   "Writes refused with BackpressureError after waiting for the backlog to drain.")
-# One call in OPERATION_SAMPLE_EVERY per operation is timed: an observe costs ~0.8 us, ~3.5% of a hot-path call
-# at full speed; sampled, the cost is lost in the noise. _count and _sum are of the sampled calls.
+# One call in OPERATION_SAMPLE_EVERY per operation is timed: an observe on every call is a measurable share of a
+# hot-path call (docs/benchmarks.md). _count and _sum are of the sampled calls.
 OPERATION_SAMPLE_EVERY = 16
 OPERATION_DURATION = Histogram(
     "tiered_sessions_operation_duration_seconds",
