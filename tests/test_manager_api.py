@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from tiered_sessions import Session, SessionManager, SessionNotFound, Settings
+from tiered_sessions import ConfigurationError, Session, SessionManager, SessionNotFound, Settings
 
 
 async def test_ensure_creates_with_a_random_id_and_returns_the_same_object(manager: SessionManager) -> None:
@@ -185,3 +185,13 @@ async def test_close_closes_every_redis_connection(settings: Settings, redis: ai
     # Not left for the garbage collector: close() closes the pool (connections from other tests may be
     # collected meanwhile, hence <=).
     assert len(await redis.client_list()) <= before
+
+
+async def test_a_closed_manager_refuses_calls_instead_of_reconnecting(settings: Settings) -> None:
+    manager = SessionManager(settings=settings)
+    session = await manager.ensure()
+    await manager.close()
+    for call in (manager.get(session.session_id), manager.update_activity(session.session_id),
+                 manager.ensure(session.session_id), manager.get_session_metrics()):
+        with pytest.raises(ConfigurationError, match="closed"):
+            await call

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tiered_sessions import BackpressureError, SessionManager, Settings
+from tiered_sessions import BackpressureError, ConfigurationError, SessionManager, Settings
+from tiered_sessions.embedded import PostgresServer
+from tiered_sessions.migrate import migrate
 
-from .helpers import until
+from .helpers import pg_rows, until
 
 
 async def test_an_expired_session_still_waiting_for_its_flush_is_gone(settings: Settings,
@@ -82,3 +86,32 @@ async def test_close_hands_the_partitions_over_at_once(settings: Settings) -> No
         await first.close()
         await until(lambda: len(second.flusher.held) == settings.partitions, timeout=lease / 2)  # type: ignore[union-attr]
         assert asyncio.get_running_loop().time() - closed < lease / 2  # not after the leases ran out
+
+
+async def test_terminate_returns_at_once_and_leaves_the_dirty_sessions_to_the_next_flusher(
+        redis_url: str, own_postgres: PostgresServer) -> None:
+    """close() drains (up to drain_timeout_secs); terminate() does not wait: with Postgres hung it returns at
+    once, and what was dirty stays in Redis, flushed by the next manager."""
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix="terminated",
+                        max_concurrent_sessions=None, socket_timeout_secs=2, drain_timeout_secs=20,
+                        flush_interval_secs=3600)
+    await migrate(settings)
+    manager = SessionManager(settings=settings)
+    ids = [(await manager.ensure(data={"n": n})).session_id for n in range(5)]
+    own_postgres.pause()  # hung, not refusing: every Postgres call waits out its timeout
+    try:
+        started = asyncio.get_running_loop().time()
+        await manager.terminate()
+        assert asyncio.get_running_loop().time() - started < 1.5
+        with pytest.raises(ConfigurationError):
+            await manager.get(ids[0])  # terminated for good, like a closed one
+    finally:
+        own_postgres.resume()
+    async with SessionManager(settings=settings) as successor:
+        assert await successor.flush() == 0
+    connection = await asyncpg.connect(own_postgres.url)
+    try:
+        rows = await pg_rows(connection, settings)
+    finally:
+        await connection.close()
+    assert sorted(orjson.loads(rows[sid]["session_data"])["n"] for sid in ids) == list(range(5))

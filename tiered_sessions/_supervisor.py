@@ -60,6 +60,19 @@ class Supervisor:
                 self._down.pop(name, None)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECS)
 
+    async def cancel(self, timeout: float) -> None:
+        """Set the stop event and cancel every task now, waiting ``timeout`` at most for them to end."""
+        self.stop_event.set()
+        tasks = [task for task in self._tasks.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
+            for task in stuck:
+                log.error("background task %s ignored its cancellation for %.1fs; left behind", task.get_name(),
+                          timeout)
+        self._tasks.clear()
+
     async def stop(self, timeout: float) -> None:
         """Set the stop event, let the loops end within ``timeout`` seconds, then cancel the rest and wait for
         them: a loop stuck in a driver call that ignores the stop event cannot keep the process alive."""

@@ -5,6 +5,7 @@ whatever fails on the way."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -74,6 +75,16 @@ class Tiers:
             else:
                 layout.check(await self.store.record_layout(layout.record()), f"table {settings.qualified_layout}")
         layout.check(await self.hot.record_layout(layout.record()), f"Redis key {self.hot.layout_key}")
+
+    async def terminate(self, timeout: float) -> None:
+        """Close every client now: Postgres's connections at once, Redis's within ``timeout``."""
+        if self.store is not None:
+            self.store.terminate()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.hot.pipeline.aclose()
+        finally:
+            await self.client.aclose()
 
     async def close(self) -> None:
         """Close every client, each whatever the others did."""

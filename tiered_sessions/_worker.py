@@ -14,7 +14,7 @@ from typing import Any
 
 from . import metrics
 from ._backpressure import Backpressure
-from ._failures import BACKGROUND, RETRYABLE
+from ._failures import BACKGROUND, RETRYABLE, Failures
 from ._flusher import Flusher
 from ._supervisor import Supervisor, Work
 from ._tiers import Tiers
@@ -22,6 +22,8 @@ from .config import Settings
 from .events import EventHub
 
 log = logging.getLogger(__name__)
+_TERMINATE_BOUND_SECS = 0.5  # the longest terminate() waits for any one step
+_RELEASE_FAILURES: Failures = (TimeoutError, *RETRYABLE)
 
 
 class Worker:
@@ -74,6 +76,27 @@ class Worker:
         finally:
             if tiers is not None:
                 await tiers.close()
+
+    async def terminate(self, tiers: Tiers | None, events: EventHub) -> None:
+        """End now: cancel every task, drop the events not delivered, give the flusher's leases back (within a
+        short bound: the other flushers take over at once), close the clients. Nothing is drained: dirty
+        sessions stay in Redis for the next flusher."""
+        bound = min(self.settings.socket_timeout_secs, _TERMINATE_BOUND_SECS)
+        try:
+            if tiers is not None and tiers.store is not None:
+                tiers.store.terminate()  # first: a task in a Postgres call then ends at once
+            await self.supervisor.cancel(bound)
+            events.cancel()
+            if tiers is not None and tiers.flusher is not None:
+                try:
+                    async with asyncio.timeout(bound):
+                        await tiers.flusher.release()
+                except _RELEASE_FAILURES as exc:
+                    log.warning("terminate: could not release the flusher leases (%s); they expire by themselves",
+                                exc)
+        finally:
+            if tiers is not None:
+                await tiers.terminate(bound)
 
     async def _drain_and_release(self, flusher: Flusher) -> None:
         timeout = self.settings.drain_timeout_secs

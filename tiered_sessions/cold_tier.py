@@ -154,9 +154,16 @@ class PostgresSessionStore:
             self._pool = pool
 
     async def close(self) -> None:
+        """Close the pool gracefully: waits for the queries under way."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    def terminate(self) -> None:
+        """Close every connection at once, queries under way or not."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.terminate()
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -83,6 +83,16 @@ class EventHub:
             metrics.EVENT_ERRORS.labels(event.kind).inc()
             log.exception("%s listener failed for session %s", event.kind, event.session_id)
 
+    def cancel(self) -> None:
+        """Drop what is queued and cancel the deliveries under way (at terminate), saying how many."""
+        dropped = 0
+        while not self._queue.empty():
+            dropped += self._queue.get_nowait() is not None
+        for task in self._running:
+            task.cancel()
+        if dropped or self._running:
+            log.warning("terminated: %d queued events dropped, %d deliveries cancelled", dropped, len(self._running))
+
     async def drain(self, timeout: float) -> None:
         """Deliver what is still queued and let deliveries in flight finish within ``timeout`` (at close)."""
         while not self._queue.empty():

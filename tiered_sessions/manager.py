@@ -129,9 +129,21 @@ class SessionManager:
         if self._closed:
             return
         self._closed = True
+        self._redis = None  # the hot path's shortcut: calls from now on go through _open, which refuses
         await self.worker.stop(self._tiers, self.events)
 
+    async def terminate(self) -> None:
+        """Stop now, as asyncpg's ``terminate()``: cancel background work, close connections, drain nothing
+        (what is dirty stays in Redis for the next flusher; nothing acknowledged is lost)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._redis = None
+        await self.worker.terminate(self._tiers, self.events)
+
     async def _open(self) -> Tiers:
+        if self._closed:
+            raise ConfigurationError("this SessionManager was closed; create a new one")
         if self._tiers is None:
             await self.start()
             assert self._tiers is not None
