@@ -126,20 +126,26 @@ class SessionManager:
         """Stop background work, drain what this manager's flusher owns (within ``drain_timeout_secs``),
         then close connections, whatever failed on the way. With ``run_flusher=False`` dirty sessions stay in
         Redis for a flusher."""
-        if self._closed:
+        if not await self._mark_closed():
             return
-        self._closed = True
-        self._redis = None  # the hot path's shortcut: calls from now on go through _open, which refuses
         await self.worker.stop(self._tiers, self.events)
 
     async def terminate(self) -> None:
         """Stop now, as asyncpg's ``terminate()``: cancel background work, close connections, drain nothing
         (what is dirty stays in Redis for the next flusher; nothing acknowledged is lost)."""
-        if self._closed:
+        if not await self._mark_closed():
             return
-        self._closed = True
-        self._redis = None
         await self.worker.terminate(self._tiers, self.events)
+
+    async def _mark_closed(self) -> bool:
+        """Refuse calls from now on; False if closed already. Waits for a start under way, so its tiers are
+        closed too."""
+        async with self._start_lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._redis = None  # the hot path's shortcut: calls go through _open, which refuses
+            return True
 
     async def _open(self) -> Tiers:
         if self._closed:
