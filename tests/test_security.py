@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import quote
 
 import hypothesis.strategies as st
 import pytest
@@ -16,7 +17,10 @@ from hypothesis import settings as hypothesis_settings
 from prometheus_client import REGISTRY, generate_latest
 
 from tiered_sessions import SessionManager, Settings, TieredSessionsError
+from tiered_sessions.config import redact_message, redact_url
 from tiered_sessions.embedded import RedisServer
+
+from .test_cli import _cli, _env
 
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
@@ -91,5 +95,46 @@ async def test_passwords_never_reach_logs_errors_or_metrics(settings: Settings,
         errors.append(str(refused.value))
     assert len(errors) == 3
     everything = caplog.text + "\n".join(errors) + generate_latest(REGISTRY).decode()
+    assert secret not in everything
+    assert "***" in everything
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app@db.example:5432/sessions?password={secret}",
+    "postgresql://app@db.example/sessions?sslmode=require&sslpassword={secret}",
+    "redis://db.example:6379/0?username=app&password={secret}",
+    "rediss://app:{secret}@db.example:6380/0",
+    "postgresql://app:{quoted}@db.example/sessions",  # percent-encoded: drivers echo it decoded
+])
+def test_every_credential_form_is_redacted(url: str) -> None:
+    secret = "s3cret/Pa55@x"
+    given = url.format(secret=quote(secret, safe=""), quoted=quote(secret, safe=""))
+    for text in (redact_url(given), redact_message(f"connect to {given} failed: password {secret} refused", given)):
+        assert secret not in text and quote(secret, safe="") not in text
+        assert "***" in text
+    assert "db.example" in redact_url(given)  # what it points at stays readable
+
+
+async def test_query_string_passwords_never_reach_errors_logs_or_cli_output(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "q-s3cret-Pa55"
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(password=secret) as redis_server:
+        redis_url = f"redis://127.0.0.1:{redis_server.port}/0?password={secret}"
+        database_url = f"{settings.database_url}?password={secret}"  # trust auth ignores it
+        errors: list[str] = []
+        async with SessionManager(redis_url, database_url, schema=settings.schema, key_prefix="sec-query",
+                                  socket_timeout_secs=1, degraded_mode=False) as manager:
+            await manager.ensure("guarded")
+            redis_server.kill()
+            with pytest.raises(TieredSessionsError) as failed:
+                await manager.get("guarded")
+            errors.append(f"{failed.value!r} {failed.value.__cause__!r}")
+            stats = _cli("stats", "--json", env={**_env(settings), "TIERED_SESSIONS_REDIS_URL": redis_url,
+                                                  "TIERED_SESSIONS_DATABASE_URL": database_url})
+            errors.append(stats.stdout + stats.stderr)
+            redis_server.start()
+    everything = caplog.text + "\n".join(errors)
+    assert "unreachable" in errors[1] or "Redis" in errors[1]  # the CLI said what failed
     assert secret not in everything
     assert "***" in everything

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
@@ -174,22 +174,47 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
     return raw
 
 
+# Query arguments that carry credentials: libpq's and asyncpg's password and sslpassword, redis-py's username and
+# password. URLs show none of them; free text is scrubbed of the passwords (a user name is too common a word).
+_SECRET_ARGUMENTS = frozenset({"password", "sslpassword", "username"})
+_PASSWORD_ARGUMENTS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str | None) -> str:
-    """The URL with any password replaced by ``***``: safe for logs, errors and metrics."""
+    """The URL with every credential (userinfo password, credential query arguments) replaced by ``***``: safe
+    for logs, errors and metrics."""
     if not url:
         return "<unset>"
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(f"{name}=***" if name.lower() in _SECRET_ARGUMENTS else pair
+                     for pair in parts.query.split("&") if pair
+                     for name in [pair.partition("=")[0]])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def redact_message(message: str, url: str | None) -> str:
-    """Drivers sometimes echo the DSN in their errors; never let the password through."""
-    password = urlsplit(url).password if url else None
-    return message.replace(password, "***") if password else message
+    """Drivers sometimes echo the DSN, or a password, in their errors: replace the URL by its redacted form
+    and every credential in it, as written and decoded, by ``***``."""
+    if not url:
+        return message
+    message = message.replace(url, redact_url(url))
+    for secret in sorted(_secrets(url), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
+def _secrets(url: str) -> set[str]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return set()
+    written = [parts.password or ""] if parts.password else []
+    written += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+                if name.lower() in _PASSWORD_ARGUMENTS and value]
+    return {form for value in written for form in (value, unquote(value), unquote_plus(value)) if form}
