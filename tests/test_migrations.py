@@ -97,3 +97,35 @@ async def test_supabase_roles_get_nothing(fresh: Settings, pg: asyncpg.Connectio
             await pg.execute(f"SET LOCAL ROLE {role}")
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await pg.execute(f"INSERT INTO {fresh.qualified_table} (session_id) VALUES ('x')")
+
+
+async def test_supabase_roles_reach_no_object_the_tier_creates(fresh: Settings, pg: asyncpg.Connection) -> None:
+    """Every table and sequence in the schema after migrating, the migrations' own tracking table included:
+    row level security on, and anon / authenticated can neither read, write nor truncate it."""
+    for role in ("anon", "authenticated"):
+        if not await pg.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            await pg.execute(f"CREATE ROLE {role} NOLOGIN")
+    await pg.execute(f'CREATE SCHEMA IF NOT EXISTS "{fresh.schema}"')
+    await pg.execute(f'GRANT USAGE ON SCHEMA "{fresh.schema}" TO anon, authenticated')
+    for kind in ("TABLES", "SEQUENCES"):  # as on Supabase: broad default grants the migrations take back
+        await pg.execute(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{fresh.schema}" '
+                         f"GRANT ALL ON {kind} TO anon, authenticated")
+    await migrate(fresh)
+    objects = await pg.fetch("SELECT c.relname, c.relkind::text AS relkind, c.relrowsecurity FROM pg_class c "
+                             "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                             "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'S')", fresh.schema)
+    names = {row["relname"] for row in objects}
+    assert {fresh.table, f"{fresh.table}_journal", f"{fresh.table}_layout", f"{fresh.table}_migrations"} <= names
+    assert any(row["relkind"] == "S" for row in objects)  # the journal's sequence
+    for row in objects:
+        qualified = f'"{fresh.schema}"."{row["relname"]}"'
+        if row["relkind"] != "S":
+            assert row["relrowsecurity"], f"{qualified} has no row level security"
+        statements = ([f"SELECT nextval('{qualified}')", f"SELECT * FROM {qualified}"] if row["relkind"] == "S"
+                      else [f"SELECT * FROM {qualified}", f"DELETE FROM {qualified}", f"TRUNCATE {qualified}"])
+        for role in ("anon", "authenticated"):
+            for statement in statements:
+                async with pg.transaction():
+                    await pg.execute(f"SET LOCAL ROLE {role}")
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await pg.execute(statement)

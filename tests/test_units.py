@@ -6,7 +6,7 @@ import pytest
 
 from tiered_sessions import ConfigurationError, InvalidSessionData, Settings
 from tiered_sessions._codec import encode_document, partition_of, validate_session_id
-from tiered_sessions.cold_tier import asyncpg_dsn
+from tiered_sessions.cold_tier import asyncpg_dsn, render_sql
 from tiered_sessions.config import redact_message, redact_url
 
 
@@ -77,3 +77,15 @@ def test_readme_documents_every_setting() -> None:
     missing = [field.name for field in dataclasses.fields(Settings)
                if f"`TIERED_SESSIONS_{field.name.upper()}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("field, value", [("schema", "ts\n"), ("table", "sessions\n"), ("key_prefix", "sessions\n"),
+                                          ("schema", "ts\nDROP")])
+def test_settings_refuse_a_trailing_newline(field: str, value: str) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        Settings(**{field: value})
+
+
+def test_placeholders_in_sql_comments_are_not_filled() -> None:
+    rendered = render_sql("-- ${table} is filled in\nSELECT * FROM ${table} -- not ${table}\n", table='"s"."t"')
+    assert rendered == '-- ${table} is filled in\nSELECT * FROM "s"."t" -- not ${table}\n'

@@ -28,8 +28,19 @@ _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
 
 
 def render_sql(text: str, **values: str) -> str:
-    """Fill ``${name}`` placeholders (identifiers from validated settings); other ``$`` (``$1``, ``$$``) stay."""
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], text)
+    """Fill ``${name}`` placeholders (identifiers from validated settings) in the SQL, not in ``--`` comments;
+    other ``$`` (``$1``, ``$$``) stay."""
+    return "".join(_render_line(line, values) for line in text.splitlines(keepends=True))
+
+
+def _render_line(line: str, values: dict[str, str]) -> str:
+    quoted = False
+    for index, char in enumerate(line):
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and line.startswith("--", index):
+            return _PLACEHOLDER.sub(lambda match: values[match.group(1)], line[:index]) + line[index:]
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], line)
 
 
 def load_sql(name: str, settings: Settings) -> str:

@@ -22,7 +22,7 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")  # room for the suffixes of its companion tables
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")  # room for the suffixes of its companion tables
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,9 +93,9 @@ class Settings:
         if self.max_concurrent_sessions is not None and self.max_concurrent_sessions < 1:
             raise ConfigurationError("max_concurrent_sessions must be >= 1 or None (no limit)")
         for name in ("schema", "table"):
-            if not _IDENTIFIER.match(getattr(self, name)):
+            if not _IDENTIFIER.fullmatch(getattr(self, name)):
                 raise ConfigurationError(f"{name} must be a plain SQL identifier, got {getattr(self, name)!r}")
-        if not re.match(r"^[A-Za-z0-9_.-]{1,32}$", self.key_prefix):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", self.key_prefix):
             raise ConfigurationError(f"key_prefix must be 1-32 of [A-Za-z0-9_.-], got {self.key_prefix!r}")
 
     @classmethod
@@ -152,6 +152,10 @@ class Settings:
     @property
     def qualified_layout(self) -> str:
         return f'"{self.schema}"."{self.table}_layout"'
+
+    @property
+    def qualified_migrations(self) -> str:
+        return f'"{self.schema}"."{self.table}_migrations"'
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

@@ -16,7 +16,7 @@ from .config import Settings
 from .errors import MigrationError
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
+_NAME = re.compile(r"\d{4}_[a-z0-9_]+\.sql")
 
 
 def migrations_dir() -> Path:
@@ -29,7 +29,7 @@ def migrations_dir() -> Path:
 
 def migration_files(directory: Path | None = None) -> list[Path]:
     directory = directory or migrations_dir()
-    files = sorted(path for path in directory.glob("*.sql") if _NAME.match(path.name))
+    files = sorted(path for path in directory.glob("*.sql") if _NAME.fullmatch(path.name))
     if not files:
         raise MigrationError(f"no migrations found in {directory}")
     return files
@@ -39,7 +39,7 @@ def render(sql: str, settings: Settings) -> str:
     return render_sql(
         sql, schema=f'"{settings.schema}"', schema_name=settings.schema,
         table=settings.qualified_table, table_name=settings.table, journal=settings.qualified_journal,
-        layout=settings.qualified_layout,
+        layout=settings.qualified_layout, migrations=settings.qualified_migrations,
     )
 
 
@@ -48,7 +48,7 @@ async def migrate(settings: Settings, *, directory: Path | None = None,
     """Apply pending migrations; returns the names applied (empty when up to date)."""
     files = migration_files(directory)
     connection = await connect_once(settings)
-    tracking = f'"{settings.schema}"."{settings.table}_migrations"'
+    tracking = settings.qualified_migrations  # row level security and revokes: migration 0004
     lock_key = f"tiered_sessions:{settings.schema}.{settings.table}"
     applied: list[str] = []
     try:
