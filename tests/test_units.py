@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from tiered_sessions import ConfigurationError, InvalidSessionData, Settings
@@ -83,7 +85,7 @@ def test_readme_documents_every_setting() -> None:
                                           ("schema", "ts\nDROP")])
 def test_settings_refuse_a_trailing_newline(field: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=field):
-        Settings(**{field: value})
+        Settings(**cast(dict[str, Any], {field: value}))
 
 
 def test_placeholders_in_sql_comments_are_not_filled() -> None:
