@@ -4,8 +4,10 @@ its batch is written and nothing else waits on it."""
 from __future__ import annotations
 
 import json
+import logging
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
@@ -59,3 +61,23 @@ async def test_poison_rows_are_isolated_listed_replayed_and_dropped(settings: Se
         assert _cli("dead-letters", "drop", "--all", env=_env(settings)).returncode == 0
         assert await (await manager.dead_letters()).list() == []
         assert (await pg_rows(pg, settings))["s-00"]["user_id"] == "u0"  # the rejected version never landed
+
+
+async def test_a_dead_letter_logs_its_id_and_error_class_not_the_row(settings: Settings, pg: asyncpg.Connection,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Postgres's DETAIL ("Failing row contains (...)") carries the whole row: user data and IP addresses stay
+    in the dead-letter store, shown on request, and out of the logs."""
+    await pg.execute(f"ALTER TABLE {settings.qualified_table} ADD CONSTRAINT no_poison "
+                     "CHECK (user_id IS DISTINCT FROM 'poison')")
+    caplog.set_level(logging.DEBUG)
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        await manager.ensure("leaky", user_id="poison", ip_address="203.0.113.77", data={"card": "4111-secret"})
+        await manager.ensure("fine", user_id="ok")
+        assert await manager.flush() == 0
+        (letter,) = await (await manager.dead_letters()).list()
+    assert "Failing row contains" in letter.reason and "203.0.113.77" in letter.reason  # kept, on request
+    logged = caplog.text
+    assert "leaky" in logged and "CheckViolationError" in logged
+    for private in ("203.0.113.77", "4111-secret", "Failing row"):
+        assert private not in logged
+    assert all("\n" not in record.getMessage() for record in caplog.records)  # one line per event

@@ -17,6 +17,7 @@ import orjson
 
 from . import _codec, metrics
 from ._codec import hash_from_record
+from ._failures import describe
 from ._hot_tier import DirtyEntry, HotTier
 from .cold_tier import ColdRecord
 
@@ -40,13 +41,15 @@ class DeadLetters:
     def __init__(self, hot: HotTier) -> None:
         self.hot = hot
 
-    async def record(self, row: DirtyEntry, reason: str) -> None:
-        letter = DeadLetter(row.session_id, row.version, reason, time.time(),
+    async def record(self, row: DirtyEntry, error: BaseException) -> None:
+        """Keep the row and Postgres's whole reason (DETAIL included) here; the log says only which session
+        and the error class (``tiered-sessions dead-letters list`` shows the rest)."""
+        letter = DeadLetter(row.session_id, row.version, f"{type(error).__name__}: {error}", time.time(),
                             dataclasses.astuple(ColdRecord.from_row(row.row)))
         await self.hot.store_dead_letter(row.partition, row.session_id, orjson.dumps(letter.to_dict()))
         metrics.DEAD_LETTERS.inc()
         log.error("session %s (version %d) dead-lettered: Postgres rejected it: %s", row.session_id,
-                  row.version, reason)
+                  row.version, describe(error))
 
     async def record_poison(self, entry: DirtyEntry) -> None:
         """A key that was not a session hash, quarantined by claim.lua (``entry.row``: the error and where the

@@ -56,3 +56,13 @@ POSTGRES_ERRORS: Failures = (PostgresUnavailable, asyncpg.PostgresError, *POSTGR
 RETRYABLE: Failures = (*REDIS_ERRORS, *POSTGRES_ERRORS)
 # What a background loop (cleanup, the Redis probe) survives until its next round.
 BACKGROUND: Failures = (RedisUnavailable, OSError, *RETRYABLE)
+
+
+def describe(exc: BaseException) -> str:
+    """An error for a log line: its class and the first line of its message. Postgres appends DETAIL (for a
+    refused row: "Failing row contains (...)", the whole row) and HINT lines that can carry session contents;
+    they stay out of logs (the dead-letter store keeps them)."""
+    message = str(exc.args[0]) if isinstance(exc, asyncpg.PostgresError) and exc.args else str(exc)
+    first = message.splitlines()[0] if message else ""
+    code = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return f"{type(exc).__name__}: {first}" + (f" (SQLSTATE {code})" if code else "")

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from . import metrics
-from ._failures import POSTGRES_ERRORS, RETRYABLE
+from ._failures import POSTGRES_ERRORS, RETRYABLE, describe
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class PartitionBackoff:
             self.until[partition] = time.monotonic() + delay
             metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
             if count == 1:
-                log.warning("partition %d failed (%s: %s); the other partitions go on, it retries every %.1fs at "
-                            "most", partition, type(exc).__name__, exc, MAX_BACKOFF_SECS)
+                log.warning("partition %d failed (%s); the other partitions go on, it retries every %.1fs at most",
+                            partition, describe(exc), MAX_BACKOFF_SECS)
         for partition in flushed:
             count = self.failures.pop(partition, 0)
             self.until.pop(partition, None)
@@ -96,12 +96,13 @@ class Outage:
         if self.since is None:
             self.since, self.backend = time.monotonic(), backend
             log.warning("flush failed (%s: %s), retrying in %.2fs, then at least every %.0fs; dirty sessions "
-                        "stay in Redis", backend, error, delay, MAX_BACKOFF_SECS)
+                        "stay in Redis", backend, describe(error) if error else "unknown", delay, MAX_BACKOFF_SECS)
         elif self.attempts % 10 == 0:
             log.warning("flush still failing after %d attempts over %.0fs (%s: %s)", self.attempts,
-                        time.monotonic() - self.since, backend, error)
+                        time.monotonic() - self.since, backend, describe(error) if error else "unknown")
         else:
-            log.debug("flush failed again (%s: %s), attempt %d", backend, error, self.attempts)
+            log.debug("flush failed again (%s: %s), attempt %d", backend, describe(error) if error else "unknown",
+                      self.attempts)
 
     def ended(self) -> None:
         if self.since is None:

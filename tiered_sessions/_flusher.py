@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from . import _codec, metrics
 from ._dead_letters import DeadLetters
-from ._failures import REDIS_ERRORS, RETRYABLE, ROW_ERRORS
+from ._failures import REDIS_ERRORS, RETRYABLE, ROW_ERRORS, describe
 from ._flush_retry import Outage, PartitionBackoff, retrying
 from ._hot_tier import DirtyEntry, HotTier
 from ._journal import Journal
@@ -196,7 +196,7 @@ class Flusher(LeaseHolder):
             refused = await self.cold.upsert_batch([row.row for row in rows])
         except ROW_ERRORS as exc:
             if len(rows) == 1:
-                await self.dead_letters.record(rows[0], f"{type(exc).__name__}: {exc}")
+                await self.dead_letters.record(rows[0], exc)
                 return [], {}
             middle = len(rows) // 2
             first, first_refused = await self._write(rows[:middle])
@@ -218,8 +218,8 @@ class Flusher(LeaseHolder):
         try:
             missing = await self.cold.write_activity_batch([row.row for row in rows])
         except ROW_ERRORS as exc:
-            log.warning("PostgreSQL refused %d activity rows (%s: %s): writing them as whole rows", len(rows),
-                        type(exc).__name__, exc)
+            log.warning("PostgreSQL refused %d activity rows (%s): writing them as whole rows", len(rows),
+                        describe(exc))
             metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
             missing = dict.fromkeys((row.session_id for row in rows), Refusal(None, False))
         metrics.FLUSH_BATCH_ROWS.observe(len(rows))
