@@ -11,15 +11,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import (
+    BackendUnavailable,
     InvalidSessionData,
     InvalidSessionId,
+    PostgresSessionStore,
     RedisUnavailable,
     SessionLimitExceeded,
     SessionManager,
     SessionTooLarge,
     Settings,
 )
-from tiered_sessions.errors import PostgresUnavailable
+from tiered_sessions.errors import MissingSetting, PostgresUnavailable
+
+from .test_cli import _cli
 
 
 @pytest.mark.parametrize("bad_id", ["", "a" * 256, "has space", "brace{p1}", "tab\t", "ünï", "\x00", 42, None, b"x"])
@@ -146,5 +150,18 @@ async def test_unreachable_servers_name_which_and_hide_the_password(settings: Se
 async def test_no_urls_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TIERED_SESSIONS_REDIS_URL", "REDIS_URL", "TIERED_SESSIONS_DATABASE_URL", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RedisUnavailable, match="no Redis URL"):
+    with pytest.raises(MissingSetting, match="no Redis URL") as redis_missing:
         await SessionManager().ensure()
+    assert "redis_url" in str(redis_missing.value) and "TIERED_SESSIONS_REDIS_URL" in str(redis_missing.value)
+    assert not isinstance(redis_missing.value, BackendUnavailable)  # nothing is down: a setting is missing
+    with pytest.raises(MissingSetting, match=r"database_url.*TIERED_SESSIONS_DATABASE_URL"):
+        PostgresSessionStore()
+
+
+def test_the_command_line_names_the_flag_of_a_missing_setting() -> None:
+    env = {name: "" for name in ("TIERED_SESSIONS_REDIS_URL", "REDIS_URL", "TIERED_SESSIONS_DATABASE_URL",
+                                 "DATABASE_URL")}
+    done = _cli("stats", env=env)
+    assert done.returncode == 2
+    assert "--redis-url" in done.stderr and "TIERED_SESSIONS_REDIS_URL" in done.stderr
+    assert "unreachable" not in done.stderr.lower() and "Traceback" not in done.stderr

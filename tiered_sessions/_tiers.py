@@ -36,8 +36,7 @@ class Tiers:
 
     @classmethod
     async def open(cls, settings: Settings) -> Tiers:
-        if not settings.redis_url:
-            raise RedisUnavailable("no Redis URL: pass redis_url or set TIERED_SESSIONS_REDIS_URL or REDIS_URL")
+        settings.require("redis_url")
         client = make_client(settings)
         hot = HotTier(client, settings)
         store = PostgresSessionStore(settings=settings) if settings.enable_persistence else None

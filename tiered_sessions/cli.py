@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args, console, _progress))
         return asyncio.run(runners[args.command](args, console))
     except TieredSessionsError as exc:
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130

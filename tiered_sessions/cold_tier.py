@@ -97,9 +97,7 @@ def unreachable(url: str, exc: BaseException) -> PostgresUnavailable:
 async def connect_once(settings: Settings) -> asyncpg.Connection:
     """One connection to the database of ``settings`` (migrations, the stats watch): pooler-aware, bounded by
     the socket timeout, ``PostgresUnavailable`` when it cannot be had."""
-    url = settings.database_url
-    if not url:
-        raise PostgresUnavailable("no PostgreSQL URL: set TIERED_SESSIONS_DATABASE_URL or DATABASE_URL")
+    url = settings.require("database_url")
     dsn, cache_size = asyncpg_dsn(url, settings.pg_statement_cache_size)
     try:
         connection: asyncpg.Connection = await asyncpg.connect(dsn, statement_cache_size=cache_size,
@@ -115,11 +113,7 @@ class PostgresSessionStore:
     def __init__(self, database_url: str | None = None, *, settings: Settings | None = None,
                  **setting_overrides: Any) -> None:
         self.settings = settings or Settings.from_env(database_url=database_url, **setting_overrides)
-        if not self.settings.database_url:
-            raise PostgresUnavailable(
-                "no PostgreSQL URL: pass database_url or set TIERED_SESSIONS_DATABASE_URL or DATABASE_URL"
-            )
-        self.url = self.settings.database_url
+        self.url = self.settings.require("database_url")
         self.table = self.settings.qualified_table
         self._pool: asyncpg.Pool | None = None
         self._connect_lock = asyncio.Lock()

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, MissingSetting
 
 ENV_PREFIX = "TIERED_SESSIONS_"
 
@@ -141,6 +141,15 @@ class Settings:
             return self.backlog_low_watermark
         return self.backlog_high_watermark * 4 // 5
 
+    def require(self, name: str) -> str:
+        """The value of a required URL setting, or ``MissingSetting`` saying how to give it."""
+        value: str | None = getattr(self, name)
+        if not value:
+            what, flag, variables = _REQUIRED[name]
+            raise MissingSetting(f"no {what}: pass {name}= (command line: {flag}) or set "
+                                 f"{' or '.join(variables)}")
+        return value
+
     @property
     def qualified_table(self) -> str:
         return f'"{self.schema}"."{self.table}"'
@@ -177,6 +186,12 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
         raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}: cannot parse {raw!r} as {type_name}") from None
     return raw
 
+
+# How each required setting is given: what it is, the command-line flag, the environment variables.
+_REQUIRED = {
+    "redis_url": ("Redis URL", "--redis-url", ("TIERED_SESSIONS_REDIS_URL", "REDIS_URL")),
+    "database_url": ("PostgreSQL URL", "--database-url", ("TIERED_SESSIONS_DATABASE_URL", "DATABASE_URL")),
+}
 
 # Query arguments that carry credentials: libpq's and asyncpg's password and sslpassword, redis-py's username and
 # password. URLs show none of them; free text is scrubbed of the passwords (a user name is too common a word).

@@ -38,6 +38,11 @@ class ConfigurationError(TieredSessionsError, ValueError):
     """A setting is missing or out of range."""
 
 
+class MissingSetting(ConfigurationError):
+    """A required setting was not given; the message names the argument, the command-line flag and the
+    environment variables that set it."""
+
+
 class BackendUnavailable(TieredSessionsError, ConnectionError):
     """Redis or PostgreSQL cannot be reached. The message names which, with the URL minus its password."""
 
