@@ -78,3 +78,27 @@ def test_demo_runs_against_given_servers(settings: Settings) -> None:
     assert summary["lost"] == 0 and summary["served_from_postgres_after_wipe"] == 60
     assert summary["recovered_by_recover_all"] == 60
     assert summary["rows_written"] < summary["writes"]
+
+
+async def test_flush_command_writes_everything_dirty_and_says_what_is_left(settings: Settings,
+                                                                          pg: asyncpg.Connection) -> None:
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        ids = [(await manager.ensure(data={"n": n})).session_id for n in range(5)]
+    done = _cli("flush", "--json", env=_env(settings))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"left": 0}
+    assert set(await pg_rows(pg, settings)) >= set(ids)
+
+
+def test_flush_command_fails_when_postgres_does_not_answer(settings: Settings) -> None:
+    env = {**_env(settings), "TIERED_SESSIONS_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"}
+    done = _cli("flush", "--drain-timeout", "1", env=env)
+    assert done.returncode != 0
+    assert "PostgreSQL" in done.stderr
+
+
+async def test_dead_letters_of_an_unknown_id_say_so_and_fail(settings: Settings) -> None:
+    for action in ("replay", "drop"):
+        done = _cli("dead-letters", action, "no-such-letter", env=_env(settings))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "no-such-letter" in done.stderr and "no dead letter" in done.stderr

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between refreshes with --watch (default 2)")
     sub.add_argument("--count", type=int, metavar="N", help="with --watch, stop after N refreshes")
 
+    sub = commands.add_parser("flush", help="write everything dirty to PostgreSQL now; exit 1 if anything is left",
+                              description="Write every dirty session of the tier to PostgreSQL (no lease needed) "
+                                          "and wait until it is durable. Exits 0 when nothing acknowledged is "
+                                          "left, 1 when sessions (written meanwhile, or refused) stay dirty.")
+    _common(sub)
+    sub.add_argument("--drain-timeout", type=float, help="seconds to keep trying (default 30)")
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+
     sub = commands.add_parser("recover", help="warm every live session from PostgreSQL into Redis",
                               description="Bulk read-through: put every live session from PostgreSQL back "
                                           "into Redis, keeping any newer copy Redis already has.")
@@ -241,13 +249,28 @@ async def _run_dead_letters(args: argparse.Namespace, console: Console) -> int:
             console.print(table)
             return 0
         chosen = None if args.all else args.session_ids
+        unknown = [] if chosen is None else sorted(set(chosen) - {letter.session_id for letter in await store.list()})
         count = await (store.replay(chosen) if args.action == "replay" else store.drop(chosen))
     if args.json:
-        print(json.dumps({args.action: count}))
+        print(json.dumps({args.action: count, "unknown": unknown}))
     else:
         done = "replayed (dirty again)" if args.action == "replay" else "dropped"
         console.print(f"{count} dead letter(s) {done}")
-    return 0
+    for session_id in unknown:
+        Console(stderr=True).print(f"no dead letter for {session_id}", markup=False, highlight=False)
+    return 1 if unknown else 0
+
+
+async def _run_flush(args: argparse.Namespace, console: Console) -> int:
+    overrides = {} if args.drain_timeout is None else {"drain_timeout_secs": args.drain_timeout}
+    async with SessionManager(settings=_settings(args, run_flusher=False, **overrides)) as manager:
+        left = await manager.flush()
+    if args.json:
+        print(json.dumps({"left": left}))
+    else:
+        console.print("everything acknowledged is in PostgreSQL" if left == 0
+                      else f"{left} session(s) still dirty (written meanwhile, or refused): see the logs")
+    return 0 if left == 0 else 1
 
 
 async def _run_journal(args: argparse.Namespace, console: Console) -> int:
@@ -291,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     console = Console(stderr=bool(getattr(args, "json", False)))
     runners = {"migrate": _run_migrate, "flusher": _run_flusher, "stats": _run_stats, "recover": _run_recover,
-               "dead-letters": _run_dead_letters, "journal": _run_journal}
+               "dead-letters": _run_dead_letters, "journal": _run_journal, "flush": _run_flush}
     try:
         if args.command == "demo":
             from .demo import run_demo  # imports the embedded servers only when needed
