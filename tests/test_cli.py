@@ -102,3 +102,24 @@ async def test_dead_letters_of_an_unknown_id_say_so_and_fail(settings: Settings)
         done = _cli("dead-letters", action, "no-such-letter", env=_env(settings))
         assert done.returncode == 1, done.stdout + done.stderr
         assert "no-such-letter" in done.stderr and "no dead letter" in done.stderr
+
+
+def test_messages_are_not_wrapped_when_not_on_a_terminal() -> None:
+    env = {name: "" for name in ("TIERED_SESSIONS_REDIS_URL", "REDIS_URL", "TIERED_SESSIONS_DATABASE_URL",
+                                 "DATABASE_URL")}
+    done = _cli("stats", env=env)
+    (line,) = [line for line in done.stderr.splitlines() if line.strip()]  # one line, however long
+    assert len(line) > 80 and "TIERED_SESSIONS_REDIS_URL" in line
+
+
+def test_json_logs_are_one_object_per_line(settings: Settings) -> None:
+    env = {**_env(settings), "TIERED_SESSIONS_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
+           "TIERED_SESSIONS_LOG_FORMAT": "json"}
+    done = _cli("flush", "--drain-timeout", "1", env=env)
+    assert done.returncode != 0
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    assert records[-1]["level"] == "ERROR" and "PostgreSQL" in records[-1]["message"]
+    flag = _cli("flush", "--drain-timeout", "1", "--log-format", "json",
+                env={**env, "TIERED_SESSIONS_LOG_FORMAT": ""})
+    assert all(json.loads(line) for line in flag.stderr.splitlines() if line.strip())

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import _log_format
 from .cold_tier import PostgresSessionStore
 from .config import Settings
 from .errors import ConfigurationError, RedisUnavailable, TieredSessionsError
@@ -38,6 +40,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partitions", type=int, help="partitions of the dirty index (default 16); must match "
                                                       "across every process sharing the tier")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--log-format", choices=_log_format.FORMATS,
+                        help=f"text, or one JSON object per line (env {_log_format.ENV}; default text)")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -310,9 +314,12 @@ def _progress(console: Console, quiet: bool = False) -> Progress:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    console = Console(stderr=bool(getattr(args, "json", False)))
+    log_format = args.log_format or os.environ.get(_log_format.ENV) or "text"
+    if log_format not in _log_format.FORMATS:
+        build_parser().error(f"{_log_format.ENV} must be one of {', '.join(_log_format.FORMATS)}")
+    _log_format.configure(log_format, args.verbose)
+    # Not on a terminal (a pipe, a log file): lines are not wrapped at 80 columns.
+    console = Console(stderr=bool(getattr(args, "json", False)), soft_wrap=True)
     runners = {"migrate": _run_migrate, "flusher": _run_flusher, "stats": _run_stats, "recover": _run_recover,
                "dead-letters": _run_dead_letters, "journal": _run_journal, "flush": _run_flush}
     try:
@@ -321,7 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args, console, _progress))
         return asyncio.run(runners[args.command](args, console))
     except TieredSessionsError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}", markup=True, highlight=False)
+        if log_format == "json":
+            log.error("%s: %s", type(exc).__name__, exc)
+        else:
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}",
+                                                        highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130
