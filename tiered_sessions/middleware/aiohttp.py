@@ -5,17 +5,18 @@ app = web.Application()
 setup_sessions(app, manager, secret_key="current-key", secure=True)
 
 async def login(request):
-    session = request["session"]
+    session = request[SESSION_KEY]           # a dict (RequestSession)
     session.rotate(user_id=user.id)          # fresh id when the response starts; the old one stops working
     session["user"] = user.name
     raise web.HTTPFound("/")                 # raised HTTP responses save the session too
 async def logout(request):
-    request["session"].delete()              # removed, cookie expired
+    request[SESSION_KEY].delete()            # removed, cookie expired
 ```
 
 The session is saved once, when the response is about to start: after the handler returns (or raises an
 ``HTTPException``), or when a streaming handler calls ``response.prepare()``. A handler that fails with any
-other exception saves nothing. Writes after the save raise ``SessionAlreadySaved``.
+other exception saves nothing. Writes after the save raise ``SessionAlreadySaved``. A response whose request
+read or changed the session (or that sets the cookie) gets ``Vary: Cookie``.
 """
 
 from __future__ import annotations
@@ -31,17 +32,17 @@ from .core import RequestSession, SameSite, SecretKey, SessionCookie, WebSession
 if TYPE_CHECKING:
     from ..manager import SessionManager
 
-SESSION_KEY = "session"
+SESSION_KEY = web.RequestKey("tiered_sessions.session", RequestSession)
 
 
 def setup_sessions(app: web.Application, manager: SessionManager, secret_key: SecretKey, *,
                    cookie_name: str = "session", secure: bool = True, samesite: SameSite = "lax", path: str = "/",
-                   domain: str | None = None, max_age: int | None = None, sliding: bool = True,
-                   touch_after: float | None = None) -> WebSessions:
+                   domain: str | None = None, max_age: int | None = None, partitioned: bool = False,
+                   sliding: bool = True, touch_after: float | None = None) -> WebSessions:
     """Install the middleware and the response hook on ``app`` (before it starts). Options as for
     :class:`tiered_sessions.middleware.asgi.SessionMiddleware`."""
     cookie = SessionCookie(secret_key, name=cookie_name, secure=secure, samesite=samesite, path=path,
-                           domain=domain, max_age=max_age)
+                           domain=domain, max_age=max_age, partitioned=partitioned)
     sessions = WebSessions(manager, cookie, sliding=sliding, touch_after=touch_after)
     app.middlewares.append(session_middleware(sessions))
 
@@ -49,7 +50,7 @@ def setup_sessions(app: web.Application, manager: SessionManager, secret_key: Se
         # Still writable here only when a streaming handler prepares its own response: the middleware saved
         # every other one already, and froze the session of a failed handler (its error page saves nothing).
         session = request.get(SESSION_KEY)
-        if isinstance(session, RequestSession) and session.writable:
+        if session is not None and session.writable:
             await _save(sessions, session, response, headers_sent=False)
 
     app.on_response_prepare.append(save_on_prepare)
@@ -63,7 +64,7 @@ def session_middleware(sessions: WebSessions) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         session = await sessions.load([request.cookies[sessions.cookie.name]]
                                       if sessions.cookie.name in request.cookies else [])
-        request[SESSION_KEY] = session  # a str key, as asked of the API: aiohttp warns once per process
+        request[SESSION_KEY] = session
         try:
             response = await handler(request)
         except web.HTTPException as raised:
@@ -83,6 +84,8 @@ async def _save(sessions: WebSessions, session: RequestSession, response: web.St
     if not session.writable:
         return  # saved already, when a streaming handler prepared its response
     header = await sessions.save(session)
+    if (session.accessed or header is not None) and not headers_sent:
+        _vary_by_cookie(response)
     if header is None:
         return
     if headers_sent:
@@ -90,3 +93,9 @@ async def _save(sessions: WebSessions, session: RequestSession, response: web.St
         raise SessionAlreadySaved("the response started before the session was saved, so its cookie could not "
                                   "be set: install the middleware with setup_sessions()")
     response.headers.add("Set-Cookie", header)
+
+
+def _vary_by_cookie(response: web.StreamResponse) -> None:
+    tokens = {token.strip().lower() for value in response.headers.getall("Vary", ()) for token in value.split(",")}
+    if not tokens & {"cookie", "*"}:
+        response.headers.add("Vary", "Cookie")
