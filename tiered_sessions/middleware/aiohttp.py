@@ -1,4 +1,14 @@
-"""Session middleware for aiohttp.web.
+"""Sessions for aiohttp.web: a storage for aiohttp-session, and a middleware of our own.
+
+An app on aiohttp-session switches with one line (:class:`TieredStorage`, see its module):
+
+```python
+aiohttp_session.setup(app, TieredStorage(manager, secret_key="current-key"))
+```
+
+``setup_sessions`` is the middleware of our own: the session is a dict (a ``RequestSession``) that also
+rotates with its data kept and files the session under a user (``rotate(user_id=...)``), saves for
+streaming responses, and counts in-place edits of nested values without ``changed()``.
 
 ```python
 app = web.Application()
@@ -27,10 +37,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import SessionAlreadySaved
+from ._aiohttp_headers import vary_by_cookie
+from ._aiohttp_storage import TieredSession, TieredStorage
 from .core import RequestSession, SameSite, SecretKey, SessionCookie, WebSessions
 
 if TYPE_CHECKING:
     from ..manager import SessionManager
+
+__all__ = ["SESSION_KEY", "TieredSession", "TieredStorage", "session_middleware", "setup_sessions"]
 
 SESSION_KEY = web.RequestKey("tiered_sessions.session", RequestSession)
 
@@ -85,7 +99,7 @@ async def _save(sessions: WebSessions, session: RequestSession, response: web.St
         return  # saved already, when a streaming handler prepared its response
     header = await sessions.save(session)
     if (session.accessed or header is not None) and not headers_sent:
-        _vary_by_cookie(response)
+        vary_by_cookie(response)
     if header is None:
         return
     if headers_sent:
@@ -94,8 +108,3 @@ async def _save(sessions: WebSessions, session: RequestSession, response: web.St
                                   "be set: install the middleware with setup_sessions()")
     response.headers.add("Set-Cookie", header)
 
-
-def _vary_by_cookie(response: web.StreamResponse) -> None:
-    tokens = {token.strip().lower() for value in response.headers.getall("Vary", ()) for token in value.split(",")}
-    if not tokens & {"cookie", "*"}:
-        response.headers.add("Vary", "Cookie")
