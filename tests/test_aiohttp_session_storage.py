@@ -44,8 +44,9 @@ from tiered_sessions.errors import ConfigurationError, InvalidSessionData
 from tiered_sessions.middleware.aiohttp import TieredStorage
 from tiered_sessions.middleware.core import SessionCookie
 
-# aiohttp-session keeps its own things on the request under str keys, which aiohttp warns about.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+# aiohttp-session keeps its own things on the request under str keys, which aiohttp warns about (ours are
+# typed keys: pyproject.toml turns a warning from tiered_sessions into an error).
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning:aiohttp_session")
 
 SECRET = "test-secret-key"
 COOKIE = SessionCookie(SECRET)
@@ -91,19 +92,44 @@ async def load_cookie(client: TestClient[web.Request, web.Application], manager:
     return None if session is None else {"session": session.data, "created": int(session.created_at)}
 
 
+def assert_stored(value: Any, expected: dict[str, Any]) -> None:
+    """Upstream's checks of a stored session, written once: "session" and "created" are there, and each
+    expected key holds its value."""
+    assert "session" in value
+    assert "created" in value
+    for key, item in expected.items():
+        assert key in value["session"]
+        assert value["session"][key] == item
+
+
+def assert_flags(morsel: cookies.Morsel[str], path: str = "/", domain: str | None = None) -> None:
+    assert morsel["httponly"]
+    assert morsel["path"] == path
+    if domain is not None:
+        assert morsel["domain"] == domain
+
+
+async def invalidate(request: web.Request) -> web.StreamResponse:
+    session = await get_session(request)
+    session.invalidate()
+    return web.Response(body=b"OK")
+
+
 # -- tests/test_redis_storage.py -------------------------------------------------------------------------------
 
 
-async def test_create_new_session(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        session = await get_session(request)
-        assert isinstance(session, Session)
-        assert session.new
-        assert not session._changed
-        assert cast(MutableMapping[str, Any], {}) == session
-        return web.Response(body=b"OK")
+async def new_and_empty(request: web.Request) -> web.StreamResponse:
+    """Upstream's handler of test_create_new_session (test_load_bad_session's, as adapted here)."""
+    session = await get_session(request)
+    assert isinstance(session, Session)
+    assert session.new
+    assert not session._changed
+    assert cast(MutableMapping[str, Any], {}) == session
+    return web.Response(body=b"OK")
 
-    client = await aiohttp_client(create_app(handler, manager))
+
+async def test_create_new_session(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
+    client = await aiohttp_client(create_app(new_and_empty, manager))
     resp = await client.get("/")
     assert resp.status == 200
 
@@ -131,15 +157,7 @@ async def test_load_bad_session(aiohttp_client: AiohttpClient, manager: SessionM
     # stores, so the bad value here is the nearest one: a key where the session's hash belongs that holds a
     # string, written behind the tier's back. Upstream then serves an empty session under the old identity
     # (`not session.new`); ours is a new one, with a new id if something is written.
-    async def handler(request: web.Request) -> web.StreamResponse:
-        session = await get_session(request)
-        assert isinstance(session, Session)
-        assert session.new
-        assert not session._changed
-        assert cast(MutableMapping[str, Any], {}) == session
-        return web.Response(body=b"OK")
-
-    client = await aiohttp_client(create_app(handler, manager))
+    client = await aiohttp_client(create_app(new_and_empty, manager))
     session_id = uuid.uuid4().hex
     await redis.set((await manager.dead_letters()).hot.keys(session_id).session, "")
     client.session.cookie_jar.update_cookies({"AIOHTTP_SESSION": COOKIE.sign(session_id)})
@@ -159,27 +177,13 @@ async def test_change_session(aiohttp_client: AiohttpClient, manager: SessionMan
     assert resp.status == 200
 
     value = await load_cookie(client, manager)
-    assert "session" in value
-    assert "a" in value["session"]
-    assert "b" in value["session"]
-    assert "c" in value["session"]
-    assert "created" in value
-    assert value["session"]["a"] == 1
-    assert value["session"]["b"] == 2
-    assert value["session"]["c"] == 3
-    morsel = resp.cookies["AIOHTTP_SESSION"]
-    assert morsel["httponly"]
-    assert morsel["path"] == "/"
+    assert_stored(value, {"a": 1, "b": 2, "c": 3})
+    assert_flags(resp.cookies["AIOHTTP_SESSION"])
 
 
 async def test_clear_cookie_on_session_invalidation(aiohttp_client: AiohttpClient,
                                                     manager: SessionManager) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        session = await get_session(request)
-        session.invalidate()
-        return web.Response(body=b"OK")
-
-    client = await aiohttp_client(create_app(handler, manager))
+    client = await aiohttp_client(create_app(invalidate, manager))
     session_id = await make_cookie(client, manager, {"a": 1, "b": 2})
     resp = await client.get("/")
     assert resp.status == 200
@@ -204,15 +208,9 @@ async def test_create_cookie_in_handler(aiohttp_client: AiohttpClient, manager: 
     assert resp.status == 200
 
     value = await load_cookie(client, manager)
-    assert "session" in value
-    assert "a" in value["session"]
-    assert "b" in value["session"]
-    assert "created" in value
-    assert value["session"]["a"] == 1
-    assert value["session"]["b"] == 2
+    assert_stored(value, {"a": 1, "b": 2})
     morsel = resp.cookies["AIOHTTP_SESSION"]
-    assert morsel["httponly"]
-    assert morsel["path"] == "/"
+    assert_flags(morsel)
     session_id = COOKIE.session_id(morsel.value)
     assert session_id is not None
     exists = await manager.get(session_id)
@@ -272,13 +270,8 @@ async def test_redis_session_fixation(aiohttp_client: AiohttpClient, manager: Se
         session["k"] = "v"
         return web.Response()
 
-    async def logout(request: web.Request) -> web.StreamResponse:
-        session = await get_session(request)
-        session.invalidate()
-        return web.Response()
-
     app = create_app(login, manager)
-    app.router.add_route("DELETE", "/", logout)
+    app.router.add_route("DELETE", "/", invalidate)
     client = await aiohttp_client(app)
     resp = await client.get("/")
     assert "AIOHTTP_SESSION" in resp.cookies
@@ -324,6 +317,7 @@ async def test_load_session_dont_load_expired_session(aiohttp_client: AiohttpCli
 # -- tests/test_get_session.py -----------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")  # upstream sets aiohttp-session's keys
 async def test_get_new_session(manager: SessionManager) -> None:
     req = make_mocked_request("GET", "/")
     session = Session("identity", data=None, new=False)
@@ -413,75 +407,49 @@ async def set_c(request: web.Request) -> web.StreamResponse:
     return web.Response(body=b"OK")
 
 
-async def test_with_same_path_domain(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
-    client = await aiohttp_client(create_path_app(set_c, manager))
-    make_path_cookie(client, (await manager.ensure(data={"a": 1, "b": 2})).session_id,
-                     path="/anotherpath", domain="127.0.0.1")
-    resp = await client.get("/anotherpath")
-    assert resp.status == 200
-    morsel = resp.cookies["AIOHTTP_SESSION"]
-    cookie_data = await stored(manager, morsel)
-    assert "session" in cookie_data
-    assert "a" in cookie_data["session"]
-    assert "b" in cookie_data["session"]
-    assert "c" in cookie_data["session"]
-    assert "created" in cookie_data
-    assert cookie_data["session"]["a"] == 1
-    assert cookie_data["session"]["b"] == 2
-    assert cookie_data["session"]["c"] == 3
-    assert morsel["httponly"]
-    assert morsel["path"] == "/anotherpath"
-    assert morsel["domain"] == "127.0.0.1"
-
-
-async def planted_elsewhere(client: TestClient[web.Request, web.Application], manager: SessionManager,
-                            path: str, domain: str) -> None:
-    """A session {"a": 1, "b": 2} whose cookie does not match the storage's path or domain: it is not sent,
-    so the request gets a new session holding only "c"."""
+async def planted_visit(client: TestClient[web.Request, web.Application], manager: SessionManager, path: str,
+                        domain: str) -> tuple[cookies.Morsel[str], dict[str, Any]]:
+    """Upstream's steps, written once: a session {"a": 1, "b": 2} planted under a cookie with this path and
+    domain, then GET /anotherpath; the response's cookie and the session it names."""
     make_path_cookie(client, (await manager.ensure(data={"a": 1, "b": 2})).session_id, path=path, domain=domain)
     resp = await client.get("/anotherpath")
     assert resp.status == 200
     morsel = resp.cookies["AIOHTTP_SESSION"]
-    cookie_data = await stored(manager, morsel)
-    assert "session" in cookie_data
+    return morsel, await stored(manager, morsel)
+
+
+async def test_with_same_path_domain(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
+    client = await aiohttp_client(create_path_app(set_c, manager))
+    morsel, cookie_data = await planted_visit(client, manager, "/anotherpath", "127.0.0.1")
+    assert_stored(cookie_data, {"a": 1, "b": 2, "c": 3})
+    assert_flags(morsel, "/anotherpath", "127.0.0.1")
+
+
+async def planted_cookie_not_sent(aiohttp_client: AiohttpClient, manager: SessionManager, path: str,
+                                  domain: str) -> None:
+    """Upstream's test_with_different_path and test_with_different_domain, which differ in one argument: the
+    planted cookie does not match the storage's path or domain, so the request starts a new session."""
+    client = await aiohttp_client(create_path_app(set_c, manager))
+    morsel, cookie_data = await planted_visit(client, manager, path, domain)
+    assert_stored(cookie_data, {"c": 3})
     assert "a" not in cookie_data["session"]
     assert "b" not in cookie_data["session"]
-    assert "c" in cookie_data["session"]
-    assert "created" in cookie_data
-    assert cookie_data["session"]["c"] == 3
-    assert morsel["httponly"]
-    assert morsel["path"] == "/anotherpath"
-    assert morsel["domain"] == "127.0.0.1"
+    assert_flags(morsel, "/anotherpath", "127.0.0.1")
 
 
 async def test_with_different_path(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
-    client = await aiohttp_client(create_path_app(set_c, manager))
-    await planted_elsewhere(client, manager, path="/NotTheSame", domain="127.0.0.1")
+    await planted_cookie_not_sent(aiohttp_client, manager, "/NotTheSame", "127.0.0.1")
 
 
 async def test_with_different_domain(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
-    client = await aiohttp_client(create_path_app(set_c, manager))
-    await planted_elsewhere(client, manager, path="/anotherpath", domain="localhost")
+    await planted_cookie_not_sent(aiohttp_client, manager, "/anotherpath", "localhost")
 
 
 async def test_invalidate_with_same_path_domain(aiohttp_client: AiohttpClient, manager: SessionManager) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        session = await get_session(request)
-        session.invalidate()
-
-        return web.Response(body=b"OK")
-
-    client = await aiohttp_client(create_path_app(handler, manager))
-    make_path_cookie(client, (await manager.ensure(data={"a": 1, "b": 2})).session_id,
-                     path="/anotherpath", domain="127.0.0.1")
-    resp = await client.get("/anotherpath")
-    assert resp.status == 200
-    morsel = resp.cookies["AIOHTTP_SESSION"]
-    cookie_data = await stored(manager, morsel)
+    client = await aiohttp_client(create_path_app(invalidate, manager))
+    morsel, cookie_data = await planted_visit(client, manager, "/anotherpath", "127.0.0.1")
     assert cookie_data == {}
-    assert morsel["httponly"]
-    assert morsel["path"] == "/anotherpath"
-    assert morsel["domain"] == "127.0.0.1"
+    assert_flags(morsel, "/anotherpath", "127.0.0.1")
 
 
 # -- ours: what TieredStorage adds to, or keeps from, the tier ----------------------------------------------------

@@ -11,6 +11,7 @@ test keeps its upstream name. What changed, test by test, is said where it chang
 - The client talks https unless the test is about http: our cookie is ``Secure`` unless ``https_only=False``
   (Starlette's is not), and an http client does not send a Secure cookie back.
 - Cookie attribute names are compared case-insensitively (RFC 6265 5.2): we write ``Path=``, Starlette ``path=``.
+- Apps are built by ``app_with(manager, *routes, **options)`` where upstream spells out ``Starlette(...)``.
 """
 
 from __future__ import annotations
@@ -81,19 +82,25 @@ def no_session_access(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+VIEW = Route("/view_session", endpoint=view_session)
+UPDATE = Route("/update_session", endpoint=update_session, methods=["POST"])
+INPLACE_UPDATE = Route("/inplace_update_session", endpoint=inplace_update_session, methods=["POST"])
+POPITEM = Route("/popitem_session", endpoint=popitem_session, methods=["POST"])
+CLEAR = Route("/clear_session", endpoint=clear_session, methods=["POST"])
+NO_SESSION = Route("/no_session", endpoint=no_session_access)
+
+
 def sessions(manager: SessionManager, **options: Any) -> Middleware:
     return Middleware(SessionMiddleware, manager=manager, secret_key="example", **options)
 
 
+def app_with(manager: SessionManager, *routes: Route, **options: Any) -> Starlette:
+    """Upstream's ``Starlette(routes=[...], middleware=[Middleware(SessionMiddleware, ...)])``, with ``manager=``."""
+    return Starlette(routes=list(routes), middleware=[sessions(manager, **options)])
+
+
 async def test_session(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-            Route("/clear_session", endpoint=clear_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager)],
-    )
+    app = app_with(manager, VIEW, UPDATE, CLEAR)
     client = test_client_factory(app)
 
     response = await client.get("/view_session")
@@ -121,13 +128,7 @@ async def test_session(test_client_factory: ClientFactory, manager: SessionManag
 @pytest.mark.parametrize("partitioned", [False, True])
 async def test_partitioned_session(test_client_factory: ClientFactory, manager: SessionManager,
                                    partitioned: bool) -> None:
-    app = Starlette(
-        routes=[
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-            Route("/clear_session", endpoint=clear_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, https_only=True, same_site="none", partitioned=partitioned)],
-    )
+    app = app_with(manager, UPDATE, CLEAR, https_only=True, same_site="none", partitioned=partitioned)
     client = test_client_factory(app, base_url="https://testserver")
     response = await client.post("/update_session", json={"some": "data"})
     attributes = response.headers["set-cookie"].lower().split("; ")
@@ -142,13 +143,7 @@ async def test_session_expires(test_client_factory: ClientFactory, manager: Sess
                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Upstream uses max_age=-1 to make every cookie too old at once; we refuse a max_age that is not positive
     # (see test_session_zero_max_age), so the cookie is signed 10 s in the past against a max_age of 5 s.
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, max_age=5)],
-    )
+    app = app_with(manager, VIEW, UPDATE, max_age=5)
     client = test_client_factory(app)
 
     with monkeypatch.context() as clock:
@@ -168,14 +163,7 @@ async def test_session_expires(test_client_factory: ClientFactory, manager: Sess
 
 
 async def test_secure_session(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-            Route("/clear_session", endpoint=clear_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, https_only=True)],
-    )
+    app = app_with(manager, VIEW, UPDATE, CLEAR, https_only=True)
     secure_client = test_client_factory(app, base_url="https://testserver")
     unsecure_client = test_client_factory(app, base_url="http://testserver")
 
@@ -205,12 +193,7 @@ async def test_secure_session(test_client_factory: ClientFactory, manager: Sessi
 
 
 async def test_session_cookie_subpath(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    second_app = Starlette(
-        routes=[
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, path="/second_app")],
-    )
+    second_app = app_with(manager, UPDATE, path="/second_app")
     app = Starlette(routes=[Mount("/second_app", app=second_app)])
     client = test_client_factory(app, base_url="https://testserver/second_app")
     response = await client.post("/update_session", json={"some": "data"})
@@ -223,13 +206,7 @@ async def test_session_cookie_subpath(test_client_factory: ClientFactory, manage
 
 
 async def test_invalid_session_cookie(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager)],
-    )
+    app = app_with(manager, VIEW, UPDATE)
     client = test_client_factory(app)
 
     response = await client.post("/update_session", json={"some": "data"})
@@ -242,13 +219,7 @@ async def test_invalid_session_cookie(test_client_factory: ClientFactory, manage
 
 
 async def test_session_cookie(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, max_age=None)],
-    )
+    app = app_with(manager, VIEW, UPDATE, max_age=None)
     client = test_client_factory(app)
 
     response = await client.post("/update_session", json={"some": "data"})
@@ -272,13 +243,7 @@ async def test_session_zero_max_age(manager: SessionManager) -> None:
 
 
 async def test_domain_cookie(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager, domain=".example.com")],
-    )
+    app = app_with(manager, VIEW, UPDATE, domain=".example.com")
     client = test_client_factory(app)
 
     response = await client.post("/update_session", json={"some": "data"})
@@ -295,13 +260,7 @@ async def test_domain_cookie(test_client_factory: ClientFactory, manager: Sessio
 
 async def test_set_cookie_only_on_modification(test_client_factory: ClientFactory,
                                                manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager)],
-    )
+    app = app_with(manager, VIEW, UPDATE)
     client = test_client_factory(app)
 
     # Write to session - should send Set-Cookie
@@ -315,14 +274,7 @@ async def test_set_cookie_only_on_modification(test_client_factory: ClientFactor
 
 
 async def test_vary_cookie_on_access(test_client_factory: ClientFactory, manager: SessionManager) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-            Route("/no_session", endpoint=no_session_access),
-        ],
-        middleware=[sessions(manager)],
-    )
+    app = app_with(manager, VIEW, UPDATE, NO_SESSION)
     client = test_client_factory(app)
 
     # Modifying session should add Vary: Cookie
@@ -400,15 +352,7 @@ async def test_session_persists_mutations(
     data: dict[str, str] | None,
     expected: dict[str, str],
 ) -> None:
-    app = Starlette(
-        routes=[
-            Route("/view_session", endpoint=view_session),
-            Route("/update_session", endpoint=update_session, methods=["POST"]),
-            Route("/inplace_update_session", endpoint=inplace_update_session, methods=["POST"]),
-            Route("/popitem_session", endpoint=popitem_session, methods=["POST"]),
-        ],
-        middleware=[sessions(manager)],
-    )
+    app = app_with(manager, VIEW, UPDATE, INPLACE_UPDATE, POPITEM)
     client = test_client_factory(app)
 
     response = await client.post("/update_session", json={"a": "1", "b": "2"})
