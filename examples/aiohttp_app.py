@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from tiered_sessions import SessionManager
-from tiered_sessions.middleware.aiohttp import setup_sessions
+from tiered_sessions.middleware.aiohttp import SESSION_KEY, setup_sessions
 from tiered_sessions.middleware.core import RequestSession
 
 
@@ -62,8 +62,7 @@ def create_app(manager: SessionManager, secret_key: str | list[str], *, secure: 
 
 
 def _session(request: web.Request) -> RequestSession:
-    session: RequestSession = request["session"]
-    return session
+    return request[SESSION_KEY]
 
 
 def main() -> None:

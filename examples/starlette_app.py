@@ -67,7 +67,8 @@ def create_app(manager: SessionManager, secret_key: str | list[str], *, secure: 
 
 
 def _session(request: Request) -> RequestSession:
-    session: RequestSession = request.state.session
+    session = request.session  # a dict, as with Starlette's own middleware, plus rotate() and delete()
+    assert isinstance(session, RequestSession)
     return session
 
 

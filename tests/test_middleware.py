@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,10 +17,12 @@ import httpx
 import pytest
 from aiohttp import DummyCookieJar, web
 from aiohttp.test_utils import TestClient, TestServer
+from itsdangerous import TimestampSigner
 
 from examples import aiohttp_app, starlette_app
 from tiered_sessions import SessionManager
 from tiered_sessions.errors import ConfigurationError, InvalidSessionData, SessionAlreadySaved
+from tiered_sessions.middleware.aiohttp import SESSION_KEY, setup_sessions
 from tiered_sessions.middleware.asgi import Message, Receive, Scope, Send, SessionMiddleware
 from tiered_sessions.middleware.core import RequestSession, SessionCookie, WebSessions
 
@@ -84,7 +88,7 @@ async def test_the_first_write_creates_the_session_and_a_flagged_cookie(browser:
                                                                          manager: SessionManager) -> None:
     await browser.call("POST", "/cart", {"item": "apple"})
     (header,) = browser.set_cookies
-    flags = [part.strip() for part in header.split(";")[1:]]
+    flags = [part.strip() for part in header.split(";")[1:] if not part.strip().startswith("Max-Age=")]
     assert flags == ["Path=/", "HttpOnly", "SameSite=Lax", "Secure"]
     assert browser.session_id is not None
     session = await manager.get(browser.session_id)
@@ -208,12 +212,10 @@ async def test_writes_after_the_response_started_raise(manager: SessionManager) 
 
 async def test_a_failing_handler_saves_nothing(manager: SessionManager) -> None:
     async def fails(request: web.Request) -> web.Response:
-        request["session"]["half"] = "done"
+        request[SESSION_KEY]["half"] = "done"
         raise RuntimeError("handler bug")
 
     app = web.Application()
-    from tiered_sessions.middleware.aiohttp import setup_sessions
-
     setup_sessions(app, manager, SECRET)
     app.router.add_get("/", fails)
     async with TestClient(TestServer(app), cookie_jar=DummyCookieJar()) as client, client.get("/") as response:
@@ -223,18 +225,16 @@ async def test_a_failing_handler_saves_nothing(manager: SessionManager) -> None:
 
 
 async def test_raised_http_responses_and_streamed_responses_save(manager: SessionManager) -> None:
-    from tiered_sessions.middleware.aiohttp import setup_sessions
-
     async def redirect(request: web.Request) -> web.Response:
-        request["session"]["via"] = "redirect"
+        request[SESSION_KEY]["via"] = "redirect"
         raise web.HTTPFound("/elsewhere")
 
     async def stream(request: web.Request) -> web.StreamResponse:
-        request["session"]["via"] = "stream"
+        request[SESSION_KEY]["via"] = "stream"
         response = web.StreamResponse()
         await response.prepare(request)  # the session is saved here, with the headers
         with pytest.raises(SessionAlreadySaved):
-            request["session"]["late"] = True
+            request[SESSION_KEY]["late"] = True
         await response.write(b"chunk")
         return response
 
@@ -350,3 +350,114 @@ async def test_websocket_connections_see_the_session_read_only(manager: SessionM
 
     await wrapped(scope, receive, send)
     assert seen == [{"user": "erin"}] and sent == [{"type": "websocket.close", "code": 1000}]
+
+
+# -- a drop-in for Starlette's session middleware -------------------------------------------------------------
+
+
+async def test_the_session_is_a_dict_and_every_mutation_is_tracked(manager: SessionManager) -> None:
+    created = await manager.ensure(data={"a": 1, "b": 2, "c": 3})
+    sessions = WebSessions(manager, COOKIE)
+    view = await sessions.load([COOKIE.sign(created.session_id)])
+    assert isinstance(view, dict) and not view.accessed
+    assert json.loads(json.dumps(view)) == dict(view) == {"a": 1, "b": 2, "c": 3}
+    assert view.accessed
+    view |= {"d": 4}
+    view.update([("e", 5)], f=6)
+    assert view.popitem() == ("f", 6)  # the last key, as dict does
+    assert view.pop("a") == 1 and view.pop("missing", None) is None
+    assert view.setdefault("b", 20) == 2 and view.setdefault("g", 7) == 7
+    del view["c"]
+    view["h"] = [8]
+    with pytest.raises(InvalidSessionData):
+        view.update({"ok": 1, "not.ok": 2})  # refused whole: nothing of it is applied
+    with pytest.raises(InvalidSessionData):
+        view |= {"x.y": 1}
+    assert "ok" not in view
+    assert view.changes() == ({"d": 4, "e": 5, "g": 7, "h": [8]}, ["a", "c"])
+    await sessions.save(view)
+    stored = await manager.get(created.session_id)
+    assert stored is not None and stored.data == {"b": 2, "d": 4, "e": 5, "g": 7, "h": [8]}
+    mutations: list[Callable[[RequestSession], object]] = [
+        lambda s: s.__setitem__("k", 1), lambda s: s.__delitem__("b"), lambda s: s.update(k=1),
+        lambda s: s.__ior__({"k": 1}), lambda s: s.pop("b"), lambda s: s.popitem(),
+        lambda s: s.setdefault("k", 1), lambda s: s.clear()]
+    for mutate in mutations:
+        with pytest.raises(SessionAlreadySaved):
+            mutate(view)
+    assert dict(view) == {"b": 2, "d": 4, "e": 5, "g": 7, "h": [8]}
+
+
+async def test_vary_cookie_joins_the_apps_own_vary_header(manager: SessionManager) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        vary = [(b"vary", scope["path"].strip("/").encode())] if scope["path"] != "/" else []
+        if scope["path"] != "/untouched":
+            scope["session"].get("user")
+        await send({"type": "http.response.start", "status": 200, "headers": vary})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = SessionMiddleware(app, manager=manager, secret_key=SECRET)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="https://t") as http:
+        assert (await http.get("/")).headers.get_list("vary") == ["Cookie"]
+        assert (await http.get("/Accept-Encoding")).headers.get_list("vary") == ["Accept-Encoding, Cookie"]
+        assert (await http.get("/cookie")).headers.get_list("vary") == ["cookie"]
+        assert (await http.get("/untouched")).headers.get_list("vary") == ["untouched"]
+
+
+async def test_starlette_parameter_names_are_accepted(manager: SessionManager) -> None:
+    from starlette.datastructures import Secret
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["session"]["k"] = 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped = SessionMiddleware(app, manager=manager, secret_key=Secret(SECRET), session_cookie="sid",
+                                max_age=60, path="/app", same_site="none", https_only=True,
+                                domain="example.com", partitioned=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="https://t") as http:
+        header = (await http.get("/app")).headers["set-cookie"]
+    value, *flags = header.split("; ")
+    assert flags == ["Max-Age=60", "Path=/app", "Domain=example.com", "HttpOnly", "SameSite=None", "Secure",
+                     "Partitioned"]
+    assert SessionCookie(SECRET, name="sid").session_id(value.partition("=")[2]) is not None
+    bad: dict[str, Any]
+    for bad in ({"https_only": False, "secure": True}, {"same_site": "lax", "samesite": "strict"},
+                {"session_cookie": "a", "cookie_name": "b"}, {"partitioned": True, "https_only": False}):
+        with pytest.raises(ConfigurationError):
+            SessionMiddleware(app, manager=manager, secret_key=SECRET, **bad)
+    assert SessionMiddleware(app, manager=manager, secret_key=SECRET, https_only=True, secure=True)
+
+
+async def test_the_cookie_is_sent_again_past_half_its_max_age(manager: SessionManager,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    created = await manager.ensure(data={"k": 1})
+    cookie = SessionCookie(SECRET, max_age=100)
+    sessions = WebSessions(manager, cookie)
+    assert await sessions.save(await sessions.load([cookie.sign(created.session_id)])) is None
+    with monkeypatch.context() as clock:
+        clock.setattr(TimestampSigner, "get_timestamp", lambda self: int(time.time()) - 60)
+        old = cookie.sign(created.session_id)
+    header = await sessions.save(await sessions.load([old]))  # a read, but the cookie would run out
+    assert header is not None and "Max-Age=100" in header
+    assert cookie.read(header.split(";")[0].partition("=")[2]) is not None
+    session = await manager.get(created.session_id)
+    assert session is not None and session.version == created.version  # no write for it
+
+
+async def test_aiohttp_responses_vary_by_cookie_when_the_session_was_used(manager: SessionManager) -> None:
+    async def reads(request: web.Request) -> web.Response:
+        return web.json_response({"user": request[SESSION_KEY].get("user")}, headers={"Vary": "Accept"})
+
+    async def ignores(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    setup_sessions(app, manager, SECRET)
+    app.router.add_get("/reads", reads)
+    app.router.add_get("/ignores", ignores)
+    async with TestClient(TestServer(app), cookie_jar=DummyCookieJar()) as client:
+        async with client.get("/reads") as response:
+            assert response.headers.getall("Vary") == ["Accept", "Cookie"]
+        async with client.get("/ignores") as response:
+            assert "Vary" not in response.headers
