@@ -8,7 +8,8 @@ import pytest
 
 from tiered_sessions import ConfigurationError, InvalidSessionData, Settings
 from tiered_sessions._codec import encode_document, partition_of, validate_session_id
-from tiered_sessions.cold_tier import asyncpg_dsn, render_sql
+from tiered_sessions._sql import render_sql
+from tiered_sessions.cold_tier import asyncpg_dsn
 from tiered_sessions.config import redact_message, redact_url
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from importlib import resources
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -18,37 +16,12 @@ import orjson
 
 from ._codec import check_json, validate_attribute, validate_session_id
 from ._failures import POSTGRES_CONNECT, POSTGRES_DOWN
+from ._sql import load_sql
 from .config import Settings, redact_message, redact_url
 from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
 from .model import ACTIVE, STATES, ColdRecord, Session
 
 log = logging.getLogger(__name__)
-
-_PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
-
-
-def render_sql(text: str, **values: str) -> str:
-    """Fill ``${name}`` placeholders (identifiers from validated settings) in the SQL, not in ``--`` comments;
-    other ``$`` (``$1``, ``$$``) stay."""
-    return "".join(_render_line(line, values) for line in text.splitlines(keepends=True))
-
-
-def _render_line(line: str, values: dict[str, str]) -> str:
-    quoted = False
-    for index, char in enumerate(line):
-        if char == "'":
-            quoted = not quoted
-        elif not quoted and line.startswith("--", index):
-            return _PLACEHOLDER.sub(lambda match: values[match.group(1)], line[:index]) + line[index:]
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], line)
-
-
-def load_sql(name: str, settings: Settings) -> str:
-    package = resources.files(__package__).joinpath("sql")
-    columns = package.joinpath("select_columns.sql").read_text().split("\n", 1)[1].strip()
-    return render_sql(package.joinpath(f"{name}.sql").read_text(), table=settings.qualified_table,
-                      journal=settings.qualified_journal, layout=settings.qualified_layout, columns=columns)
-
 
 class Refusal(NamedTuple):
     """A flushed row Postgres does not hold as sent: its version guard refused it (Postgres holds a newer

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import asyncpg
 
-from .cold_tier import connect_once, render_sql
+from ._sql import render_sql
+from .cold_tier import connect_once
 from .config import Settings
 from .errors import MigrationError
 
