@@ -149,8 +149,6 @@ async def test_load_existing_session(aiohttp_client: AiohttpClient, manager: Ses
     assert resp.status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="manager.get raises redis-py's WRONGTYPE ResponseError, unnamed, for a "
-                   "key that is not a session hash (only the flusher quarantines such keys): a 500, not a new session")
 async def test_load_bad_session(aiohttp_client: AiohttpClient, manager: SessionManager,
                                 redis: aioredis.Redis) -> None:
     # Upstream stores "" under the session's Redis key, which its decoder cannot read. The tier checks what it

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from tiered_sessions import ConfigurationError, RedisUnavailable, SessionManager, Settings
+from tiered_sessions import ConfigurationError, RedisUnavailable, Session, SessionManager, SessionNotFound, Settings
 from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.migrate import migrate
 
@@ -637,3 +637,36 @@ async def test_a_connection_closed_under_a_background_read_is_a_connection_error
         await until(lambda: manager.backlog == 1)  # the poll went on
     assert (REGISTRY.get_sample_value("tiered_sessions_task_restarts_total", {"task": "backlog"}) or 0.0) == restarts
     assert any("cannot read the backlog" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("call", ["get", "ensure", "update_activity", "update", "remove", "rotate"])
+async def test_a_key_of_the_wrong_type_met_by_a_call_is_quarantined_not_a_500(
+        settings: Settings, redis: aioredis.Redis, call: str) -> None:
+    """A non-hash where a session's hash belongs (planted, or left by another program) fails every command on
+    it with WRONGTYPE. The call that meets it moves it aside (kept, listed as a poison dead letter) and goes on
+    as if the session were missing, instead of failing with redis-py's unnamed ResponseError."""
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        hot = (await manager.dead_letters()).hot
+        await redis.set(hot.keys("planted").session, "not a session")
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "get": lambda: manager.get("planted"),
+            "ensure": lambda: manager.ensure("planted", data={"fresh": True}),
+            "update_activity": lambda: manager.update_activity("planted"),
+            "update": lambda: manager.update("planted", data={"x": 1}),
+            "remove": lambda: manager.remove("planted"),
+            "rotate": lambda: manager.rotate("planted"),
+        }
+        try:
+            result = await calls[call]()
+        except SessionNotFound:
+            result = "not found"
+        expected = {"get": None, "update_activity": False, "update": "not found", "remove": None,
+                    "rotate": "not found"}
+        if call == "ensure":
+            assert isinstance(result, Session) and result.data == {"fresh": True}
+        else:
+            assert result == expected[call]
+        moved = await redis.keys(f"{settings.key_prefix}:*quarantine*")
+        assert len(moved) == 1 and await redis.get(moved[0]) == b"not a session"  # kept for inspection
+        (letter,) = await (await manager.dead_letters()).list()
+        assert letter.session_id == "planted" and "WRONGTYPE" in letter.reason

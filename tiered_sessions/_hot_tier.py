@@ -141,6 +141,16 @@ class HotTier(KeySpace):
         reply: list[bytes | None] = await self.pipeline.command("HMGET", self.keys(session_id).session, *fields)
         return reply
 
+    async def quarantine(self, session_id: str) -> str | None:
+        """Move the session's key aside if it is not a hash (quarantine.lua); the reason, or None if nothing
+        was moved."""
+        keys = self.keys(session_id)
+        moved = self.quarantine_key_prefix(keys.partition) + session_id
+        reply = await self.pipeline.evalsha(_scripts.QUARANTINE, [keys.session, keys.dirty, moved], [session_id])
+        if not reply:
+            return None
+        return f"WRONGTYPE: a {reply[0].decode()} where the session's hash belongs (moved to {moved})"
+
     async def delete(self, session_id: str) -> None:
         await self.pipeline.command("DEL", self.keys(session_id).session)
 

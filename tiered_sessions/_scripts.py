@@ -35,7 +35,8 @@ LEASE_RELEASE = LuaScript("lease_release")
 DIRTY_OF_USER = LuaScript("dirty_of_user")
 LIVE_COUNT = LuaScript("live_count", uses=("live_counts",))
 LAYOUT = LuaScript("layout")
+QUARANTINE = LuaScript("quarantine")
 
 
 ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
-       LIVE_COUNT, LAYOUT)
+       LIVE_COUNT, LAYOUT, QUARANTINE)

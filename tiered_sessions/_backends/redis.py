@@ -10,12 +10,15 @@ import functools
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from redis.exceptions import ResponseError
 
 from .. import _codec, _paths, metrics
 from .._backpressure import Backpressure
-from .._hot_tier import HotTier
+from .._dead_letters import DeadLetters
+from .._hot_tier import DirtyEntry, HotTier
 from .._replies import Status
 from ..cold_tier import PostgresSessionStore
 from ..config import Settings
@@ -24,10 +27,28 @@ from ..model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
 from . import Census, Change, NewSession
 
 R = TypeVar("R")
+P = ParamSpec("P")
 _STATE_ARG = {None: b"", True: _codec.STATE_CODES[CLOSED], False: _codec.STATE_CODES[ACTIVE]}
 _GUARD_ATTEMPTS = 20  # nested edits recomputed when a guarded field changed under them
 _ROTATE_ATTEMPTS = 5  # new ids drawn when one is taken (practically never)
 Loaded = tuple[dict[bytes, bytes] | None, int]
+
+
+def _wrong_type_moved_aside(
+        method: Callable[Concatenate[RedisBackend, str, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[RedisBackend, str, P], Coroutine[Any, Any, R]]:
+    """A call that meets a non-hash at the session's key moves it aside and runs again (see ``_moved_aside``)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: RedisBackend, session_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, session_id, *args, **kwargs)
+        except ResponseError as exc:
+            if not await self._moved_aside(session_id, exc):
+                raise
+        return await method(self, session_id, *args, **kwargs)
+
+    return wrapper
 
 
 class RedisBackend:
@@ -38,10 +59,12 @@ class RedisBackend:
         self.persist = store is not None
         self.settings = settings
         self.backpressure = backpressure
+        self.dead_letters = DeadLetters(hot)
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
         self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
+    @_wrong_type_moved_aside
     async def ensure(self, session_id: str, fresh: bool, new: NewSession) -> tuple[Session, bool]:
         if not self.backpressure.open.is_set():
             await self.backpressure.admit()
@@ -62,6 +85,7 @@ class RedisBackend:
             metrics.READS.labels("hot").inc()
         return _codec.session_from_hash(session_id, reply.fields), reply.status is Status.CREATED
 
+    @_wrong_type_moved_aside
     async def get(self, session_id: str) -> Session | None:
         fields: dict[bytes, bytes] | None = await self.hot.read(session_id)
         if fields:
@@ -76,7 +100,12 @@ class RedisBackend:
     async def touch(self, session_id: str, duration_ms: int, held: Session | None) -> bool:
         if not self.backpressure.open.is_set():
             await self.backpressure.admit()
-        reply = await self.hot.touch(session_id, duration_ms, held is not None)
+        try:
+            reply = await self.hot.touch(session_id, duration_ms, held is not None)
+        except ResponseError as exc:  # inline, not the decorator: the hot path pays no extra call
+            if not await self._moved_aside(session_id, exc):
+                raise
+            reply = await self.hot.touch(session_id, duration_ms, held is not None)
         if reply == Status.MISSING and self.persist:
             reply = await self._read_through_then(
                 session_id, functools.partial(self.hot.touch, session_id, duration_ms, held is not None), reply)
@@ -88,6 +117,7 @@ class RedisBackend:
             held.expires_at = (now_ms + self.hot.timeout_ms) / 1000
         return True
 
+    @_wrong_type_moved_aside
     async def update(self, session_id: str, change: Change) -> tuple[int, dict[str, Any]]:
         if not self.backpressure.open.is_set():
             await self.backpressure.admit()
@@ -134,6 +164,7 @@ class RedisBackend:
             raise SessionNotFound(f"session {sid} does not exist, was removed or has expired")
         return reply.value, roots
 
+    @_wrong_type_moved_aside
     async def remove(self, session_id: str) -> None:
         now_ms = _codec.now_ms()
         reply = await self.hot.remove(session_id, now_ms, check_cold=self.persist, min_version=0)
@@ -143,6 +174,7 @@ class RedisBackend:
             if record is not None and record.state != REMOVED:
                 await self.hot.remove(session_id, now_ms, check_cold=False, min_version=record.version)
 
+    @_wrong_type_moved_aside
     async def rotate(self, session_id: str) -> Session:
         partitions = self.hot.partitions
         partition = _codec.partition_of(session_id, partitions)
@@ -180,6 +212,19 @@ class RedisBackend:
             ages.append((now_ms - int(created)) / 1000)
             active += state == _codec.STATE_CODES[ACTIVE]
         return Census("normal", len(ages), active, ages, reading.dirty_sessions, reading.flush_lag_seconds)
+
+    async def _moved_aside(self, sid: str, error: ResponseError) -> bool:
+        """For a call that failed with WRONGTYPE: if the session's key is not a hash, move it aside (kept,
+        listed as a poison dead letter, counted) so the call can go on as if the session were missing."""
+        if "WRONGTYPE" not in str(error):
+            return False
+        reason = await self.hot.quarantine(sid)
+        if reason is None:
+            return False  # the key is a hash: the WRONGTYPE came from elsewhere
+        metrics.POISON_KEYS.inc()
+        await self.dead_letters.record_poison(DirtyEntry(self.hot.keys(sid).partition, sid, 0, "poison",
+                                                         reason.encode()))
+        return True
 
     # -- read-through -------------------------------------------------------------------------------------
     async def _read_through_then(self, sid: str, again: Callable[[], Awaitable[R]], missed: R) -> R:
