@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 import asyncpg
 import orjson
@@ -235,3 +236,29 @@ async def test_each_batch_goes_to_postgres_in_session_id_order(settings: Setting
     assert sorted(sid for statement in statements for sid in statement) == sorted(ids)
     assert all(statement == sorted(statement) for statement in statements)
     assert any(len(statement) > 1 for statement in statements)
+
+
+async def test_concurrent_read_throughs_share_one_postgres_query(settings: Settings, redis: aioredis.Redis,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted empty, every request misses: the misses of one loop turn are loaded with one query
+    (session_id = ANY(...)), however many tasks miss, and each id once (single flight)."""
+    async with SessionManager(settings=settings) as writer:
+        ids = [(await writer.ensure(data={"n": n})).session_id for n in range(200)]
+        assert await writer.flush() == 0
+    await redis.flushdb()
+    queries: list[str] = []
+    for name in ("fetch", "fetchrow", "fetchval"):
+        original = getattr(asyncpg.Pool, name)
+
+        async def counted(pool: asyncpg.Pool, query: str, *args: object, _original: Any = original,
+                          **kwargs: object) -> object:
+            queries.append(query)
+            return await _original(pool, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Pool, name, counted)
+    async with SessionManager(settings=settings, run_flusher=False) as reader:
+        queries.clear()
+        sessions = await asyncio.gather(*(reader.get(sid) for sid in ids + ids[:50]))  # 50 asked twice
+    assert [s.data["n"] for s in sessions if s is not None] == list(range(200)) + list(range(50))
+    loads = [query for query in queries if "session_id" in query]
+    assert len(loads) <= 3, f"{len(loads)} Postgres queries for 250 concurrent misses"

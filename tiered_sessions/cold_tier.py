@@ -91,8 +91,9 @@ class PostgresSessionStore:
         self._pool: asyncpg.Pool | None = None
         self._connect_lock = asyncio.Lock()
         self.sql = {name: load_sql(name, self.settings) for name in (
-            "upsert_batch", "activity_batch", "load", "live_page", "count_live", "list_page", "list_page_by_state",
-            "save", "touch", "delete", "mark_expired", "purge", "degraded_touch", "degraded_merge", "degraded_create",
+            "upsert_batch", "activity_batch", "load", "load_many", "live_page", "count_live", "list_page",
+            "list_page_by_state", "save", "touch", "delete", "mark_expired", "purge", "degraded_touch",
+            "degraded_merge", "degraded_create",
             "degraded_remove", "refusals", "journal_page", "journal_delete", "journal_count", "journal_list",
             "user_sessions", "layout")}
 
@@ -187,6 +188,11 @@ class PostgresSessionStore:
         pool = await self.ready_pool()
         row = await pool.fetchrow(self.sql["load"], session_id)
         return None if row is None else ColdRecord(*row)
+
+    async def fetch_many(self, session_ids: Sequence[str]) -> dict[str, ColdRecord]:
+        """The rows of these ids that Postgres holds, in one query."""
+        pool = await self.ready_pool()
+        return {row[0]: ColdRecord(*row) for row in await pool.fetch(self.sql["load_many"], list(session_ids))}
 
     async def count_live(self) -> int:
         pool = await self.ready_pool()

@@ -149,6 +149,8 @@ async def get_cold(env: Env) -> ScenarioResult:
     result = ScenarioResult("get_cold", f"get of sessions only PostgreSQL holds (read-through), {TASKS} tasks",
                             figures)
     result.extra = {"sessions_in_postgres": len(ids), "reads_past_the_cold_set": wrapped["count"]}
+    result.targets = [Target("≥ 4x the raw cache-aside pair (read-throughs of a turn share a query)",
+                             result.ratios["raw pair (cache-aside)"], 4.0, True)]
     return result
 
 

@@ -25,6 +25,7 @@ from ..config import Settings
 from ..errors import SessionLimitExceeded, SessionNotFound, SessionTooLarge, VersionConflict
 from ..model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
 from . import Census, Change, NewSession
+from ._cold_batch import ColdBatch
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -60,6 +61,7 @@ class RedisBackend:
         self.settings = settings
         self.backpressure = backpressure
         self.dead_letters = DeadLetters(hot)
+        self._cold = None if store is None else ColdBatch(store)
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
         self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
@@ -254,8 +256,8 @@ class RedisBackend:
             del self._loading[sid]
 
     async def _load_cold(self, sid: str) -> Loaded:
-        assert self.store is not None
-        record: ColdRecord | None = await self.store.fetch(sid)
+        assert self._cold is not None
+        record: ColdRecord | None = await self._cold.fetch(sid)
         if record is None:
             return None, 0
         if not record.is_live(time.time()):
