@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
 
@@ -123,3 +124,24 @@ def test_json_logs_are_one_object_per_line(settings: Settings) -> None:
     flag = _cli("flush", "--drain-timeout", "1", "--log-format", "json",
                 env={**env, "TIERED_SESSIONS_LOG_FORMAT": ""})
     assert all(json.loads(line) for line in flag.stderr.splitlines() if line.strip())
+
+
+async def test_the_demo_on_your_servers_runs_again_and_leaves_nothing_behind(
+        settings: Settings, redis: aioredis.Redis, pg: asyncpg.Connection) -> None:
+    """Twice on the same servers (a second run must not trip over the first's layout), counting only its own
+    sessions, and removing every row and key it wrote; --table and --key-prefix are not its options."""
+    for run in ("--json", "--updates"):  # the second run prints its progress and summary for people
+        done = _cli("demo", "--sessions", "30", "--updates", "3", "--concurrency", "4",
+                    *(["--json"] if run == "--json" else []), env=_env(settings))
+        assert done.returncode == 0, done.stderr
+        if run == "--json":
+            summary = json.loads(done.stdout)
+            assert summary["served_from_postgres_after_wipe"] == 30 and summary["recovered_by_recover_all"] == 30
+        else:
+            for phase in ("workload", "reads", "recover_all_sessions"):  # every phase shows its progress
+                assert phase in done.stdout
+            assert "30 / 30" in done.stdout  # served from PostgreSQL: its own sessions only
+        assert [key async for key in redis.scan_iter(match="tsdemo:*")] == []  # TTL or not, nothing left
+        for suffix in ("", "_journal", "_layout"):
+            assert await pg.fetchval(f'SELECT count(*) FROM "{settings.schema}"."tiered_sessions_demo{suffix}"') == 0
+    assert _cli("demo", "--table", "sessions", env=_env(settings)).returncode == 2  # not silently ignored

