@@ -76,7 +76,7 @@ class SessionManager:
         self.worker = Worker(self.settings)  # every long-lived task of this manager
         self.degraded: DegradedMode | None = None  # the breaker; None without persistence or when turned off
         self._backpressure = Backpressure(self.settings)
-        self._sessions = SessionCache()
+        self._sessions = SessionCache(self.settings.session_max_inflight)
         self._tiers: Tiers | None = None
         self._redis: RedisBackend | None = None
         self._postgres: PostgresBackend | None = None
@@ -355,9 +355,10 @@ class SessionManager:
         Raises ``LockTimeout`` after ``timeout`` seconds (None: wait forever). See :mod:`tiered_sessions.locks`."""
         return SessionLock(self._hot_tier, self.settings.redis_url, session_id, timeout=timeout, lease=lease)
 
-    def is_session_timed_out(self, session: Session) -> bool:
-        """True if the session is closed or has seen no activity for ``session_timeout_secs``."""
-        return session.state != ACTIVE or time.time() >= session.expires_at
+    def is_session_timed_out(self, session: Session | None) -> bool:
+        """True if the session is closed or has seen no activity for ``session_timeout_secs``, or is None (what
+        ``get`` answers for a session that timed out, or is gone)."""
+        return session is None or session.state != ACTIVE or time.time() >= session.expires_at
 
     @named_errors("flush")
     async def flush(self) -> int:
