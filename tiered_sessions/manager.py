@@ -259,17 +259,19 @@ class SessionManager:
 
     @named_errors("cleanup_stale_sessions")
     async def cleanup_stale_sessions(self) -> int:
-        """Expire timed-out sessions and remove closed ones, in both tiers. Returns how many."""
+        """Remove closed sessions and mark timed-out ones expired, in both tiers. Returns how many sessions
+        timed out (or were closed and removed) since the last cleanup of any process: each is counted by one
+        cleanup in the whole tier, including those Redis let go by their TTL and those never flushed. One that
+        timed out within the last 1/64 of the timeout is counted by the next cleanup."""
         tiers = await self._open()
         now_ms = _codec.now_ms()
-        closed = await _tier_admin.closed_sessions(tiers, now_ms)
-        for sid in closed:
-            await self.remove(sid)
+        for sid in await _tier_admin.remove_closed(tiers, now_ms):
+            self._sessions.removed(sid)
         expired = await _tier_admin.expire_in_postgres(tiers, now_ms)
         for record in expired:
             self.events.emit("expired", record.session_id, record.to_session())
         self._sessions.forget_expired(now_ms / 1000)
-        return len(expired) + len(closed)
+        return await tiers.hot.timed_out(now_ms)
 
     @named_errors("get_session_metrics")
     async def get_session_metrics(self) -> dict[str, Any]:
