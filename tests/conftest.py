@@ -4,11 +4,12 @@ a server start their own (see ``own_redis`` / ``own_postgres``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import pytest
@@ -17,6 +18,8 @@ import redis.asyncio as aioredis
 from tiered_sessions import SessionManager, Settings
 from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.migrate import migrate
+
+from .helpers import SeedManagers
 
 _counter = itertools.count()
 
@@ -83,6 +86,31 @@ async def settings(redis_url: str, database_url: str) -> AsyncIterator[Settings]
 async def manager(settings: Settings) -> AsyncIterator[SessionManager]:
     async with SessionManager(settings=settings) as m:
         yield m
+
+
+@pytest.fixture(params=[True, False], ids=["persistence", "no-persistence"])
+async def seed_managers(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[SeedManagers]:
+    """For the tests ported from the seed: ``await make(**its_arguments)`` is its ``SessionManager(...)`` on this
+    test's tier, with the seed's defaults (100 sessions, a 1 hour timeout), persistence on or off. With
+    ``own_tier=True`` the manager gets a tier of its own (its table and key prefix), as every in-memory manager
+    of the seed had. Every manager made is closed afterwards."""
+    made: list[SessionManager] = []
+
+    async def make(*, own_tier: bool = False, **arguments: Any) -> SessionManager:
+        configured = dataclasses.replace(settings, enable_persistence=request.param, max_concurrent_sessions=100,
+                                         session_timeout_secs=3600.0)
+        if own_tier:
+            configured = dataclasses.replace(configured, table=f"tier_{len(made)}",
+                                             key_prefix=f"{settings.key_prefix}-{len(made)}")
+            await migrate(configured)
+        manager = SessionManager(settings=configured, **arguments)
+        made.append(manager)
+        await manager.start()
+        return manager
+
+    yield make
+    for manager in made:
+        await manager.close()
 
 
 @pytest.fixture

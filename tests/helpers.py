@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
-from tiered_sessions import Settings
+from tiered_sessions import SessionManager, Settings
+
+# The conftest's seed_managers: ``await make(**arguments)``, the seed's ``SessionManager(**arguments)``.
+SeedManagers = Callable[..., Awaitable[SessionManager]]
 
 
 async def pg_row(pg: asyncpg.Connection, settings: Settings, session_id: str) -> dict[str, Any] | None:

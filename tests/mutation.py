@@ -154,6 +154,12 @@ MUTANTS = (
            "            await flusher.release()  # the other flushers take our partitions now",
            "            pass  # the other flushers take our partitions now",
            ("tests/test_promises.py",)),
+    Mutant("timed-out-counted-twice", "cleanup_stale_sessions() counts each timed-out session once in the tier",
+           "tiered_sessions/lua/timed_out.lua", "if counted ~= 0 then redis.call('HDEL', KEYS[1], 't') end",
+           "", ("tests/test_cleanup_count.py",)),
+    Mutant("closed-removal-uncounted", "cleanup_stale_sessions() counts the closed sessions it removes",
+           "tiered_sessions/lua/remove.lua", "-1) and ARGV[8] == '1' then", "-1) and false then",
+           ("tests/test_cleanup_count.py",)),
 )
 
 

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 SCENARIOS = {"update_activity@1", "update_activity@16", "update_activity@64", "update_activity@256", "get_hot@1",
-             "get_hot@64", "get_cold", "ensure", "mixed", "drain", "coalescing", "flush_lag", "recover", "memory"}
+             "get_hot@64", "get_cold", "ensure", "mixed", "drain", "coalescing", "flush_lag", "recover", "memory",
+             "seed_timings"}
 # Every baseline each scenario must be compared with (the ratio fields).
 BASELINES = {
     "update_activity@64": {"redis_py SET EX", "write_through"},
@@ -23,6 +24,7 @@ BASELINES = {
     "drain": {"raw unnest upsert"},
     "recover": {"raw pair (SELECT + HSET)"},
     "memory": {"redis_py SET EX"},
+    "seed_timings": {"persistence off"},
 }
 
 
@@ -43,5 +45,5 @@ def test_quick_benchmark_reports_every_scenario() -> None:
         for target in scenario["targets"]:
             assert isinstance(target["measured"], float | int) and isinstance(target["pass"], bool), (name, target)
     targets = [t["target"] for s in report["scenarios"].values() for t in s["targets"]]
-    assert len(targets) == 9 and report["summary"]["targets"] == 9
+    assert len(targets) == 15 and report["summary"]["targets"] == 15
     assert {"nproc", "cpu", "redis_server", "postgresql"} <= set(report["machine"])

@@ -9,7 +9,18 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tiered_sessions._scripts import ACK, ENSURE, LEASE, LEASE_RELEASE, LIVE_COUNT, REMOVE, TOUCH, UPDATE, LuaScript
+from tiered_sessions._scripts import (
+    ACK,
+    ENSURE,
+    LEASE,
+    LEASE_RELEASE,
+    LIVE_COUNT,
+    REMOVE,
+    TIMED_OUT,
+    TOUCH,
+    UPDATE,
+    LuaScript,
+)
 
 
 async def _run(script: LuaScript, client: fakeredis.FakeAsyncRedis, keys: list[str],
@@ -123,9 +134,34 @@ async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakere
     # "c" expires at T + 10 s (counted until its bucket has passed), "a" at T + 15 s
     assert await count(T + 11_000) == 1
     assert await count(T + 16_000) == 0
-    assert sorted(await fake.hkeys(counts)) == [b"lo", b"n"]  # the passed buckets are gone
+    assert sorted(await fake.hkeys(counts)) == [b"lo", b"n", b"t"]  # the passed buckets are gone, counted out
     # ensure counts the same way against its limit (here: 1 session)
     limited = [*keys("d"), counts]
     assert (await _run(ENSURE, fake, limited, [T + 16_000, 10_000, "d", "1", "0", 0, 1, 0, BUCKET]))[0] == 2
     limited = [*keys("e"), counts]
     assert await _run(ENSURE, fake, limited, [T + 16_000, 10_000, "e", "1", "0", 0, 1, 0, BUCKET]) == [-1, 1]
+
+
+async def test_timed_out_reports_each_session_counted_out_once(fake: fakeredis.FakeAsyncRedis) -> None:
+    counts = KEYS[2]
+
+    def keys(sid: str) -> list[str]:
+        return [f"ts:{{p0}}:s:{sid}", KEYS[1], counts]
+
+    async def timed_out(now: int) -> int:
+        return int(await _run(TIMED_OUT, fake, [counts], [now, BUCKET]))
+
+    assert await timed_out(T) == 0 and await fake.exists(counts) == 0  # no sessions: no key left behind
+    for sid in ("a", "b", "c", "d"):
+        assert (await _run(ENSURE, fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
+    # a cleanup removing a closed session counts it; a plain remove does not
+    assert await _run(REMOVE, fake, keys("b"), [T + 1_000, "b", "1", "0", 0, BUCKET, "", "1"]) == 2
+    assert await _run(REMOVE, fake, keys("c"), [T + 1_000, "c", "1", "0", 0, BUCKET, ""]) == 2
+    assert await timed_out(T + 1_000) == 1
+    # a reading drops the passed buckets (a and d timed out at T + 10 s) without taking what it counted out
+    assert int(await _run(LIVE_COUNT, fake, [counts], [T + 11_000, BUCKET])) == 0
+    assert await timed_out(T + 11_000) == 2
+    assert await timed_out(T + 12_000) == 0
+    # removing a session counted out as timed out already counts nothing more
+    assert await _run(REMOVE, fake, keys("d"), [T + 9_000, "d", "1", "0", 0, BUCKET, "", "1"]) == 2
+    assert await timed_out(T + 12_000) == 0

@@ -114,6 +114,16 @@ async def test_is_session_timed_out(settings: Settings) -> None:
     assert SessionManager(settings=settings).is_session_timed_out(closed) is True
 
 
+async def test_is_session_timed_out_of_a_session_get_no_longer_serves(settings: Settings) -> None:
+    """The daemon asks ``is_session_timed_out(await manager.get(sid))``: a timed-out session comes back as None."""
+    async with SessionManager(settings=settings, session_timeout_secs=0.3) as manager:
+        await manager.ensure("lapsing")
+        assert manager.is_session_timed_out(await manager.get("lapsing")) is False
+        await asyncio.sleep(0.35)
+        assert manager.is_session_timed_out(await manager.get("lapsing")) is True
+        assert manager.is_session_timed_out(await manager.get("never-was")) is True
+
+
 async def test_cleanup_stale_sessions_removes_closed_and_expired(settings: Settings) -> None:
     # Margins of a fifth of a second either side: a loaded machine may be that late
     async with SessionManager(settings=settings, session_timeout_secs=1.0) as manager:

@@ -160,8 +160,8 @@ def session_from_hash(session_id: str, fields: Mapping[bytes, bytes]) -> Session
             data[key[2:].decode()] = orjson.loads(value)
         elif key.startswith(b"m:"):
             metadata[key[2:].decode()] = orjson.loads(value)
-    attributes = {name: (fields[field].decode() if field in fields else None)
-                  for name, field in ATTRIBUTE_FIELDS.items()}
+    user_id, user_type, ip_address, user_agent = (fields[field].decode() if field in fields else None
+                                                  for field in ATTRIBUTE_FIELDS.values())
     return Session(
         session_id=session_id,
         created_at=int(fields[CREATED]) / 1000,
@@ -173,7 +173,7 @@ def session_from_hash(session_id: str, fields: Mapping[bytes, bytes]) -> Session
         data=data,
         metadata=metadata,
         version=int(fields[VERSION]),
-        **attributes,
+        user_id=user_id, user_type=user_type, ip_address=ip_address, user_agent=user_agent,
     )
 
 

@@ -179,10 +179,12 @@ class HotTier(KeySpace):
         return list(found)
 
     async def remove(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
-                     journal_version: int | None = None) -> Reply:
+                     journal_version: int | None = None, stale: bool = False) -> Reply:
+        """``stale``: a cleanup removes a closed session; if this call counts it out of the live counts, the
+        next ``timed_out`` reports it."""
         keys = self.keys(session_id)
         args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
-                           self.bucket_ms, "" if journal_version is None else journal_version]
+                           self.bucket_ms, "" if journal_version is None else journal_version, "1" if stale else "0"]
         return _replies.remove(int(await self.pipeline.evalsha(_scripts.REMOVE, [keys.session, keys.dirty, keys.counts],
                                                                 args)))
 
@@ -325,6 +327,12 @@ class HotTier(KeySpace):
         still count); drops the buckets that have passed."""
         calls = [(_scripts.LIVE_COUNT, [key], [now_ms, self.bucket_ms]) for key in self.counts_keys]
         return [int(count) for count in await self.pipeline.run_scripts(calls)]
+
+    async def timed_out(self, now_ms: int) -> int:
+        """Sessions counted out since any process last asked (timed_out.lua), every partition: those that timed
+        out before now's expiry bucket, and closed ones a cleanup removed. Each is reported once."""
+        calls = [(_scripts.TIMED_OUT, [key], [now_ms, self.bucket_ms]) for key in self.counts_keys]
+        return sum(int(count) for count in await self.pipeline.run_scripts(calls))
 
     async def live_count(self, now_ms: int) -> int:
         return sum(await self.live_counts(now_ms))

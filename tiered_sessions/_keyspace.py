@@ -3,7 +3,8 @@ one partition's keys share a Redis Cluster slot (the ``{pN}`` hash tag)::
 
     {prefix}:{p7}:s:<session_id>        hash: the session (see _codec.py for its fields)
     {prefix}:{p7}:dirty                 zset: session ids not yet in Postgres, scored by first-dirty time (ms)
-    {prefix}:{p7}:expiring              hash: live sessions counted by expiry bucket (lua/lib/live_counts.lua)
+    {prefix}:{p7}:expiring              hash: live sessions counted by expiry bucket, and those counted out
+                                        since the last cleanup (lua/lib/live_counts.lua)
     {prefix}:{p7}:lease                 string: the token of the flusher that owns the partition (PX lease)
     {prefix}:{p7}:dead                  hash: dead letters (rows Postgres rejected, quarantined keys) by id
     {prefix}:{p7}:quarantine:<id>       a key that was not a session hash, moved aside by claim.lua

@@ -34,9 +34,10 @@ LEASE = LuaScript("lease")
 LEASE_RELEASE = LuaScript("lease_release")
 DIRTY_OF_USER = LuaScript("dirty_of_user")
 LIVE_COUNT = LuaScript("live_count", uses=("live_counts",))
+TIMED_OUT = LuaScript("timed_out", uses=("live_counts",))
 LAYOUT = LuaScript("layout")
 QUARANTINE = LuaScript("quarantine")
 
 
 ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
-       LIVE_COUNT, LAYOUT, QUARANTINE)
+       LIVE_COUNT, TIMED_OUT, LAYOUT, QUARANTINE)

@@ -1,6 +1,7 @@
 """One ``Session`` object per live id in this process: a call returns the object its callers already hold,
-refreshed, so a session a request handler keeps sees what later calls changed. Held weakly: an object nobody
-holds is forgotten."""
+refreshed, so a session a request handler keeps sees what later calls changed, and every holder shares its
+in-flight limit (``Session.sem``), which takes this manager's ``session_max_inflight``. Held weakly: an object
+nobody holds (and whose semaphore has no permit out) is forgotten."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from .model import ACTIVE, CLOSED, REMOVED, Session
 
 
 class SessionCache:
-    def __init__(self) -> None:
+    def __init__(self, max_inflight: int) -> None:
         self._held: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
+        self._max_inflight = max_inflight
 
     def __bool__(self) -> bool:
         # The hot path asks this first: a miss in a WeakValueDictionary raises and catches a KeyError.
@@ -27,6 +29,7 @@ class SessionCache:
         """Refresh the object callers hold for this id, or hold ``fresh`` as it."""
         current = self._held.get(fresh.session_id)
         if current is None:
+            fresh.max_inflight = self._max_inflight
             self._held[fresh.session_id] = fresh
             return fresh
         current._refresh(fresh)

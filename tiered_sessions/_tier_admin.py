@@ -1,5 +1,5 @@
-"""Whole-tier work any process may do: warm Redis from Postgres (``recover``), and the sweep's two reads
-(``closed_sessions``, ``expire_in_postgres``). Work in proportion to the sessions stored: for the CLI and the
+"""Whole-tier work any process may do: warm Redis from Postgres (``recover``), and the cleanup sweep
+(``remove_closed``, ``expire_in_postgres``). Work in proportion to the sessions stored: for the CLI and the
 periodic cleanup, never the hot path."""
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
     return written
 
 
-async def closed_sessions(tiers: Tiers, now_ms: int) -> list[str]:
-    """Ids of the closed sessions Redis holds (to remove); drops the live counts' buckets that have passed."""
-    await tiers.hot.live_counts(now_ms)
+async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
+    """Remove the closed sessions Redis holds alive at ``now_ms`` (tombstones, as ``remove``); returns their
+    ids. Each one this removes before its expiry is counted toward ``hot.timed_out``, once in the whole tier."""
     live = await tiers.hot.live_sessions(now_ms, [_codec.STATE])
-    return [sid for sid, (state,) in live.items() if state == _codec.STATE_CODES[CLOSED]]
+    closed = [sid for sid, (state,) in live.items() if state == _codec.STATE_CODES[CLOSED]]
+    for sid in closed:
+        # check_cold: one that left Redis since the scan expired (its bucket counts it), nothing to tombstone
+        await tiers.hot.remove(sid, now_ms, check_cold=True, min_version=0, stale=True)
+    return closed
 
 
 async def expire_in_postgres(tiers: Tiers, now_ms: int) -> list[ColdRecord]:

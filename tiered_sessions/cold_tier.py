@@ -218,11 +218,16 @@ class PostgresSessionStore:
                            metadata: Mapping[str, Any] | None = None, *, state: str = ACTIVE,
                            user_id: str | None = None, user_type: str | None = None,
                            ip_address: str | None = None, user_agent: str | None = None,
-                           timeout_secs: float | None = None) -> int:
-        """Replace a session's data and metadata; returns its new version."""
+                           timeout_secs: float | None = None, request_count: int | None = None,
+                           total_duration_ms: int | None = None) -> int:
+        """Replace a session's data and metadata (and its counters, when given); returns its new version."""
         validate_session_id(session_id)
         if state not in STATES:
             raise InvalidSessionData(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        counters = (request_count, total_duration_ms)
+        if any(c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 2**63)
+               for c in counters):
+            raise InvalidSessionData("request_count and total_duration_ms must be non-negative integers")
         data_json = _json_object(session_data or {}, "session_data")
         meta_json = _json_object(metadata or {}, "metadata")
         if len(data_json) + len(meta_json) > self.settings.max_session_bytes:
@@ -234,7 +239,7 @@ class PostgresSessionStore:
         timeout = self.settings.session_timeout_secs if timeout_secs is None else timeout_secs
         pool = await self.ready_pool()
         return int(await pool.fetchval(self.sql["save"], session_id, data_json, meta_json, state,
-                                       *attributes, float(timeout)))
+                                       *attributes, float(timeout), *counters))
 
     async def load_session(self, session_id: str) -> Session | None:
         """The live session, or None if it does not exist, was removed or has expired."""

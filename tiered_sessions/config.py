@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, MissingSetting
+from .model import DEFAULT_MAX_INFLIGHT
 
 ENV_PREFIX = "TIERED_SESSIONS_"
 
@@ -22,6 +23,9 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+# Variables read when ours is not set: the usual URL names, and the seed's (EX-AI daemon's) own.
+_ALSO_FROM = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL",
+              "session_max_inflight": "EXAI_WS_SESSION_MAX_INFLIGHT"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")  # room for the suffixes of its companion tables
 
 
@@ -71,11 +75,13 @@ class Settings:
     redis_max_connections: int = 64
     # Seconds a single Redis or Postgres call may take before it counts as failed.
     socket_timeout_secs: float = 10.0
+    # Requests of one session this process runs at once: the permits of Session.sem (process-local).
+    session_max_inflight: int = DEFAULT_MAX_INFLIGHT
 
     def __post_init__(self) -> None:
         positive = ("session_timeout_secs", "cleanup_interval_secs", "flush_interval_secs", "flush_batch_size",
                     "partitions", "max_session_bytes", "tombstone_ttl_secs", "pg_pool_max_size",
-                    "redis_max_connections", "socket_timeout_secs", "lease_secs")
+                    "redis_max_connections", "socket_timeout_secs", "lease_secs", "session_max_inflight")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -124,13 +130,13 @@ class Settings:
             if given is not UNSET:
                 values[field.name] = given
                 continue
-            raw = env.get(ENV_PREFIX + field.name.upper())
-            if raw is not None and raw != "":
-                values[field.name] = _parse(field.name, str(field.type), raw)
+            for variable in (ENV_PREFIX + field.name.upper(), _ALSO_FROM.get(field.name, "")):
+                raw = env.get(variable) if variable else None
+                if raw is not None and raw != "":
+                    values[field.name] = _parse(variable, str(field.type), raw)
+                    break
         if overrides:
             raise ConfigurationError(f"unknown settings: {', '.join(sorted(overrides))}")
-        values.setdefault("redis_url", env.get("REDIS_URL") or None)
-        values.setdefault("database_url", env.get("DATABASE_URL") or None)
         return cls(**values)
 
     @property
@@ -167,7 +173,7 @@ class Settings:
         return f'"{self.schema}"."{self.table}_migrations"'
 
 
-def _parse(name: str, type_name: str, raw: str) -> Any:
+def _parse(variable: str, type_name: str, raw: str) -> Any:
     try:
         if "bool" in type_name:
             lowered = raw.strip().lower()
@@ -183,7 +189,7 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
         if "float" in type_name:
             return float(raw)
     except ValueError:
-        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}: cannot parse {raw!r} as {type_name}") from None
+        raise ConfigurationError(f"{variable}: cannot parse {raw!r} as {type_name}") from None
     return raw
 
 

@@ -76,7 +76,7 @@ class SessionManager:
         self.worker = Worker(self.settings)  # every long-lived task of this manager
         self.degraded: DegradedMode | None = None  # the breaker; None without persistence or when turned off
         self._backpressure = Backpressure(self.settings)
-        self._sessions = SessionCache()
+        self._sessions = SessionCache(self.settings.session_max_inflight)
         self._tiers: Tiers | None = None
         self._redis: RedisBackend | None = None
         self._postgres: PostgresBackend | None = None
@@ -277,17 +277,19 @@ class SessionManager:
 
     @named_errors("cleanup_stale_sessions")
     async def cleanup_stale_sessions(self) -> int:
-        """Expire timed-out sessions and remove closed ones, in both tiers. Returns how many."""
+        """Remove closed sessions and mark timed-out ones expired, in both tiers. Returns how many sessions
+        timed out (or were closed and removed) since the last cleanup of any process: each is counted by one
+        cleanup in the whole tier, including those Redis let go by their TTL and those never flushed. One that
+        timed out within the last 1/64 of the timeout is counted by the next cleanup."""
         tiers = await self._open()
         now_ms = _codec.now_ms()
-        closed = await _tier_admin.closed_sessions(tiers, now_ms)
-        for sid in closed:
-            await self.remove(sid)
+        for sid in await _tier_admin.remove_closed(tiers, now_ms):
+            self._sessions.removed(sid)
         expired = await _tier_admin.expire_in_postgres(tiers, now_ms)
         for record in expired:
             self.events.emit("expired", record.session_id, record.to_session())
         self._sessions.forget_expired(now_ms / 1000)
-        return len(expired) + len(closed)
+        return await tiers.hot.timed_out(now_ms)
 
     @named_errors("get_session_metrics")
     async def get_session_metrics(self) -> dict[str, Any]:
@@ -373,9 +375,10 @@ class SessionManager:
         Raises ``LockTimeout`` after ``timeout`` seconds (None: wait forever). See :mod:`tiered_sessions.locks`."""
         return SessionLock(self._hot_tier, self.settings.redis_url, session_id, timeout=timeout, lease=lease)
 
-    def is_session_timed_out(self, session: Session) -> bool:
-        """True if the session is closed or has seen no activity for ``session_timeout_secs``."""
-        return session.state != ACTIVE or time.time() >= session.expires_at
+    def is_session_timed_out(self, session: Session | None) -> bool:
+        """True if the session is closed or has seen no activity for ``session_timeout_secs``, or is None (what
+        ``get`` answers for a session that timed out, or is gone)."""
+        return session is None or session.state != ACTIVE or time.time() >= session.expires_at
 
     @named_errors("flush")
     async def flush(self) -> int:

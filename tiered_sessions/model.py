@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any, Final
 
 import orjson
 
+from ._inflight import InflightLimit
+
 ACTIVE: Final = "active"
 CLOSED: Final = "closed"
 EXPIRED: Final = "expired"
 REMOVED: Final = "removed"
 STATES: Final = (ACTIVE, CLOSED, EXPIRED, REMOVED)
+DEFAULT_MAX_INFLIGHT: Final = 8  # the seed's default of EXAI_WS_SESSION_MAX_INFLIGHT
 
 
 @dataclasses.dataclass(slots=True, weakref_slot=True, eq=False)
@@ -21,6 +25,10 @@ class Session:
 
     Times are POSIX seconds (floats), as in the in-memory managers this replaces. Within one process
     ``SessionManager.ensure`` and ``get`` return the same object for the same live id and refresh it in place.
+
+    ``max_inflight``, ``sem`` and ``inflight`` are the process's own (never stored, not in ``to_dict``): ``sem``
+    is a bounded semaphore of ``max_inflight`` permits (read when ``sem`` is first used) that a daemon holds
+    around each request of the session, and ``inflight`` counts the permits out.
     """
 
     session_id: str
@@ -37,10 +45,23 @@ class Session:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = 0
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    _limit: InflightLimit | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def closed(self) -> bool:
         return self.state != ACTIVE
+
+    @property
+    def sem(self) -> asyncio.BoundedSemaphore:
+        if self._limit is None:
+            self._limit = InflightLimit(self, self.max_inflight)
+        return self._limit
+
+    @property
+    def inflight(self) -> int:
+        """Permits of ``sem`` out now, in this process."""
+        return 0 if self._limit is None else self._limit.held
 
     def is_expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
@@ -50,7 +71,7 @@ class Session:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (``from_dict`` reverses it)."""
-        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        out = {name: getattr(self, name) for name in _STORED}
         out["data"] = dict(self.data)
         out["metadata"] = dict(self.metadata)
         out["closed"] = self.closed
@@ -58,16 +79,20 @@ class Session:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Session:
-        names = {field.name for field in dataclasses.fields(cls)}
-        values = {key: value for key, value in raw.items() if key in names}
+        values = {key: value for key, value in raw.items() if key in _STORED or key == "max_inflight"}
         if "state" not in values and raw.get("closed"):
             values["state"] = CLOSED
         return cls(**values)
 
     def _refresh(self, other: Session) -> None:
-        """Take ``other``'s values, keeping this object's identity (callers hold on to it)."""
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(other, field.name))
+        """Take ``other``'s stored values, keeping this object's identity (callers hold on to it) and its
+        in-flight limit."""
+        for name in _STORED:
+            setattr(self, name, getattr(other, name))
+
+
+# What a Session holds of the tier's data (the rest is the process's own: the in-flight limit).
+_STORED: Final = tuple(f.name for f in dataclasses.fields(Session) if f.name not in ("max_inflight", "_limit"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

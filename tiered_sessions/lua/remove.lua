@@ -1,7 +1,8 @@
 -- remove: replace the session by a versioned tombstone that the flusher persists (deletes stick).
 -- KEYS: session hash, dirty index, live counts
 -- ARGV: now_ms, session_id, persist, check_cold ("1": report a miss), min_version (from Postgres),
---       bucket_ms (of the live counts), [journal version]
+--       bucket_ms (of the live counts), journal version (or ''), [stale: "1" when a cleanup removes a closed
+--       session: if this call counts it out of the live counts, it counts toward the next cleanup's report]
 -- Returns 0 miss, -1 already a tombstone, -3 replayed already, or the tombstone's version
 local current = redis.call('HMGET', KEYS[1], 'st', 'v', 'c', 'ex')
 if not current[1] and ARGV[4] == '1' then return 0 end
@@ -14,7 +15,9 @@ if journal ~= '' then
   redis.call('HSET', KEYS[1], 'jv', journal)
 end
 if current[4] and tonumber(current[4]) > tonumber(ARGV[1]) then
-  live_add(KEYS[3], tonumber(ARGV[6]), tonumber(current[4]), -1)
+  if live_add(KEYS[3], tonumber(ARGV[6]), tonumber(current[4]), -1) and ARGV[8] == '1' then
+    redis.call('HINCRBY', KEYS[3], 't', 1)
+  end
 end
 if ARGV[3] ~= '1' then
   redis.call('DEL', KEYS[1])

@@ -1,7 +1,9 @@
 -- Live-session counts of one partition, kept without a per-session index entry (a sorted-set entry per
 -- session would cost about 150 bytes): a hash of expiry buckets, bucket = floor(expiry_ms / bucket_ms), to
--- how many live sessions expire in it, plus 'n' (the sum of the buckets) and 'lo' (the buckets below it were
--- dropped: every session in them has expired). Scripts that create, remove or slide sessions include this.
+-- how many live sessions expire in it, plus 'n' (the sum of the buckets), 'lo' (the buckets below it were
+-- dropped: every session in them has expired) and 't' (sessions counted out, timed out or closed and removed,
+-- that no cleanup has reported yet: timed_out.lua takes them). Scripts that create, remove or slide sessions
+-- include this.
 
 local function live_floor(counts)
   return tonumber(redis.call('HGET', counts, 'lo') or '0')
@@ -12,12 +14,14 @@ local function live_bump(counts, bucket, delta)
   if redis.call('HINCRBY', counts, field, delta) == 0 then redis.call('HDEL', counts, field) end
 end
 
--- A session becomes live (delta 1) or stops being live before its expiry (delta -1).
+-- A session becomes live (delta 1) or stops being live before its expiry (delta -1). Returns false if it
+-- was counted out as expired already (nothing changed).
 local function live_add(counts, bucket_ms, expires, delta)
   local bucket = math.floor(expires / bucket_ms)
-  if bucket < live_floor(counts) then return end  -- already counted out as expired
+  if bucket < live_floor(counts) then return false end
   live_bump(counts, bucket, delta)
   redis.call('HINCRBY', counts, 'n', delta)
+  return true
 end
 
 -- A live session's expiry slides from one time to a later one.
@@ -32,8 +36,8 @@ local function live_move(counts, bucket_ms, from, to)
   live_bump(counts, new, 1)
 end
 
--- Drop the buckets that lie wholly before now; returns the live sessions (those that expired within now's
--- bucket still count: the count is exact to one bucket).
+-- Drop the buckets that lie wholly before now, counting their sessions out as timed out ('t'); returns the
+-- live sessions (those that expired within now's bucket still count: the count is exact to one bucket).
 local function live_count(counts, bucket_ms, now)
   local fields = redis.call('HLEN', counts)
   if fields == 0 then return 0 end  -- no sessions yet: leave no key behind
@@ -59,7 +63,10 @@ local function live_count(counts, bucket_ms, now)
         end
       end
     end
-    if dropped ~= 0 then redis.call('HINCRBY', counts, 'n', -dropped) end
+    if dropped ~= 0 then
+      redis.call('HINCRBY', counts, 'n', -dropped)
+      redis.call('HINCRBY', counts, 't', dropped)
+    end
     redis.call('HSET', counts, 'lo', current)
   end
   return tonumber(redis.call('HGET', counts, 'n') or '0')
