@@ -45,5 +45,5 @@ def test_quick_benchmark_reports_every_scenario() -> None:
         for target in scenario["targets"]:
             assert isinstance(target["measured"], float | int) and isinstance(target["pass"], bool), (name, target)
     targets = [t["target"] for s in report["scenarios"].values() for t in s["targets"]]
-    assert len(targets) == 15 and report["summary"]["targets"] == 15
+    assert len(targets) == 16 and report["summary"]["targets"] == 16
     assert {"nproc", "cpu", "redis_server", "postgresql"} <= set(report["machine"])
