@@ -145,3 +145,17 @@ async def test_the_demo_on_your_servers_runs_again_and_leaves_nothing_behind(
         for suffix in ("", "_journal", "_layout"):
             assert await pg.fetchval(f'SELECT count(*) FROM "{settings.schema}"."tiered_sessions_demo{suffix}"') == 0
     assert _cli("demo", "--table", "sessions", env=_env(settings)).returncode == 2  # not silently ignored
+
+
+def test_each_subcommand_offers_only_the_options_it_uses() -> None:
+    env = {"COLUMNS": "200"}
+    unused = {"migrate": ("--redis-url", "--key-prefix", "--partitions"),
+              "dead-letters": ("--database-url", "--schema", "--table"),
+              "demo": ("--table", "--key-prefix")}
+    for command, options in unused.items():
+        shown = _cli(command, "--help", env=env).stdout
+        assert "--help" in shown
+        for option in options:
+            assert option not in shown, (command, option)
+    assert "--redis-url" in _cli("flusher", "--help", env=env).stdout
+    assert "--database-url" in _cli("migrate", "--help", env=env).stdout

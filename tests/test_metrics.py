@@ -176,18 +176,20 @@ async def test_stats_watch(settings: Settings) -> None:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(rows) == 3
-    assert rows[0]["dirty_sessions"] == 5 and rows[0]["live_sessions"] == 5 and rows[0]["dead_letters"] == 0
+    assert rows[0]["dirty_sessions"] == 5 and rows[0]["total_sessions"] == 5 and rows[0]["dead_letters"] == 0
     assert rows[0]["rows_written_per_second"] is None  # needs two readings
     assert all(isinstance(row["rows_written_per_second"], float) for row in rows[1:]), rows
     assert rows[2]["flush_lag_seconds"] >= rows[0]["flush_lag_seconds"] > 0
 
     done = await asyncio.to_thread(_stats, settings, "--watch", "--interval", "0.1", "--count", "2")
     assert done.returncode == 0, done.stderr
-    for label in ("flush lag (s)", "dirty sessions (backlog)", "live sessions", "rows written to PostgreSQL /s"):
+    for label in ("flush_lag_seconds", "dirty_sessions", "total_sessions", "rows_written_per_second"):
         assert label in done.stdout, done.stdout
 
-    plain = await asyncio.to_thread(_stats, settings, "--json")  # unchanged without --watch
+    plain = await asyncio.to_thread(_stats, settings, "--json")  # the same names without --watch
     assert plain.returncode == 0 and json.loads(plain.stdout)["dirty_sessions"] == 5
+    shared = set(json.loads(plain.stdout)) & set(rows[0])
+    assert {"total_sessions", "dirty_sessions", "flush_lag_seconds"} <= shared
 
 
 def test_cli_help_explains_the_new_options() -> None:

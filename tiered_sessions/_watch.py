@@ -94,7 +94,7 @@ async def watch_stats(settings: Settings, console: Console, *, interval: float, 
                         rate = max(0, written - previous[1]) / (now - previous[0])
                     previous = (now, written) if written is not None else None
                     row = {"time": time.time(), "flush_lag_seconds": round(reading.flush_lag_seconds, 3),
-                           "dirty_sessions": reading.dirty_sessions, "live_sessions": reading.live_sessions,
+                           "dirty_sessions": reading.dirty_sessions, "total_sessions": reading.live_sessions,
                            "dead_letters": reading.dead_letters_stored,
                            "rows_written_per_second": None if rate is None else round(rate, 1)}
                     if live is None:
@@ -119,11 +119,12 @@ def _table(title: str, row: dict[str, Any] | None, problem: str | None) -> Table
         table.add_row("reading", "…")
         return table
     rate = row["rows_written_per_second"]
-    table.add_row("flush lag (s)", f"{row['flush_lag_seconds']:.3f}")
-    table.add_row("dirty sessions (backlog)", str(row["dirty_sessions"]))
-    table.add_row("live sessions", str(row["live_sessions"]))
-    table.add_row("dead letters", str(row["dead_letters"]))
-    table.add_row("rows written to PostgreSQL /s",
+    # The names `stats` prints, for the same quantities.
+    table.add_row("flush_lag_seconds", f"{row['flush_lag_seconds']:.3f}")
+    table.add_row("dirty_sessions", str(row["dirty_sessions"]))
+    table.add_row("total_sessions", str(row["total_sessions"]))
+    table.add_row("dead_letters", str(row["dead_letters"]))
+    table.add_row("rows_written_per_second",
                   f"{rate:.1f}" if rate is not None else f"n/a ({problem})" if problem else "n/a (next refresh)")
     table.add_row("updated", datetime.datetime.fromtimestamp(row["time"]).strftime("%H:%M:%S"))
     return table

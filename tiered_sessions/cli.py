@@ -28,29 +28,33 @@ from .migrate import migrate
 log = logging.getLogger("tiered_sessions")
 
 
-def _common(parser: argparse.ArgumentParser, *, names: bool = True) -> None:
-    """The options every subcommand takes; ``names``: also --table and --key-prefix (not the demo's: it keeps
-    to its own table and key prefix, and cleans them up)."""
+def _common(parser: argparse.ArgumentParser, *, redis: bool = True, postgres: bool = True,
+            names: bool = True) -> None:
+    """The options a subcommand uses, and only those: Redis's (URL, key prefix, partitions), PostgreSQL's
+    (URL, schema, table); ``names``: also --table and --key-prefix (not the demo's: it keeps to its own)."""
     group = parser.add_argument_group("connection and layout (default: TIERED_SESSIONS_* environment variables)")
-    group.add_argument("--redis-url", help="Redis URL (env TIERED_SESSIONS_REDIS_URL, then REDIS_URL)")
-    group.add_argument("--database-url",
-                       help="PostgreSQL URL (env TIERED_SESSIONS_DATABASE_URL, then DATABASE_URL); add "
-                            "?pgbouncer=true behind a transaction-mode pooler")
-    group.add_argument("--schema", help="schema of the sessions table (default public)")
-    if names:
-        group.add_argument("--table", help="name of the sessions table (default sessions)")
-        group.add_argument("--key-prefix", help="prefix of every Redis key (default ts)")
-    group.add_argument("--partitions", type=int, help="partitions of the dirty index (default 16); must match "
-                                                      "across every process sharing the tier")
+    if redis:
+        group.add_argument("--redis-url", help="Redis URL (env TIERED_SESSIONS_REDIS_URL, then REDIS_URL)")
+    if postgres:
+        group.add_argument("--database-url",
+                           help="PostgreSQL URL (env TIERED_SESSIONS_DATABASE_URL, then DATABASE_URL); add "
+                                "?pgbouncer=true behind a transaction-mode pooler")
+        group.add_argument("--schema", help="schema of the sessions table (default public)")
+        if names:
+            group.add_argument("--table", help="name of the sessions table (default sessions)")
+    if redis:
+        if names:
+            group.add_argument("--key-prefix", help="prefix of every Redis key (default ts)")
+        group.add_argument("--partitions", type=int, help="partitions of the dirty index (default 16); must "
+                                                          "match across every process sharing the tier")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument("--log-format", choices=_log_format.FORMATS,
                         help=f"text, or one JSON object per line (env {_log_format.ENV}; default text)")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    given = {"redis_url": args.redis_url, "database_url": args.database_url, "schema": args.schema,
-             "table": getattr(args, "table", None), "key_prefix": getattr(args, "key_prefix", None),
-             "partitions": args.partitions, **extra}
+    given = {name: getattr(args, name, None) for name in ("redis_url", "database_url", "schema", "table",
+                                                          "key_prefix", "partitions")} | extra
     return Settings.from_env(**{name: value for name, value in given.items() if value is not None})
 
 
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("migrate", help="create or upgrade the sessions table (idempotent)",
                               description="Apply the SQL files in migrations/ that are not applied yet, each in "
                                           "a transaction, under an advisory lock.")
-    _common(sub)
+    _common(sub, redis=False)
 
     sub = commands.add_parser("flusher", help="run the write-behind loop until SIGTERM/SIGINT, then drain",
                               description="Flush dirty sessions from Redis into PostgreSQL until stopped. On "
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Sessions whose row PostgreSQL rejected (a data or constraint error) "
                                           "are kept in a dead-letter store with the error. List them, replay "
                                           "them (mark dirty again, after fixing the cause) or drop them.")
-    _common(sub)
+    _common(sub, postgres=False)
     sub.add_argument("action", choices=("list", "replay", "drop"), help="what to do")
     sub.add_argument("session_ids", nargs="*", metavar="SESSION_ID",
                      help="the dead letters to replay or drop (default: with --all, every one)")
