@@ -116,6 +116,33 @@ def test_promtool_checks_config_and_rules_and_runs_the_alert_unit_tests() -> Non
         assert done.returncode == 0, f"promtool {' '.join(command)}:\n{done.stdout}{done.stderr}"
 
 
+def test_every_alert_has_a_sustained_and_a_blip_case() -> None:
+    """An alert fires while its condition holds and resolves soon after: for each alert, a unit test in which it
+    fires and a later evaluation finds it resolved, and one (a blip) evaluated at least twice where it never fires."""
+    cases = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
+    resolved: set[str] = set()
+    never_fired: set[str] = set()
+    for case in cases:
+        evals: dict[str, list[tuple[float, bool]]] = {}
+        for check in case["alert_rule_test"]:
+            evals.setdefault(check["alertname"], []).append((_seconds(check["eval_time"]), bool(check["exp_alerts"])))
+        for name, seen in evals.items():
+            seen.sort()
+            fired_at = [time for time, firing in seen if firing]
+            if fired_at and any(time > fired_at[0] and not firing for time, firing in seen):
+                resolved.add(name)
+            if len(seen) >= 2 and not fired_at:
+                never_fired.add(name)
+    assert alerts - resolved == set(), "no test where these fire and then resolve"
+    assert alerts - never_fired == set(), "no blip test where these never fire"
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)([hms])", duration))
+
+
 def _sample_names() -> set[str]:
     """Every series name the tier's metrics can export (counters' _total, histograms' _bucket, ...)."""
     names: set[str] = set()
