@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import disable_created_metrics
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -158,8 +159,9 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
     server = None
     if args.metrics_port is not None:  # /metrics, /healthz, /readyz (_ops_http.py)
         from ._ops_http import OpsServer
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
         server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
-                           ready_max_lag=args.ready_max_lag)
+                           ready_max_lag=args.ready_max_lag, serves_calls=False)  # it serves no calls
         try:
             port = await server.start()
         except OSError as exc:
