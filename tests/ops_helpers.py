@@ -89,8 +89,9 @@ class Flusher:
 
 
 @contextlib.asynccontextmanager
-async def flusher(settings: Settings, *args: str) -> AsyncIterator[Flusher]:
-    """``tiered-sessions flusher --metrics-port 0 ARGS`` as a subprocess; stopped with SIGTERM (exit 0 checked)."""
+async def flusher(settings: Settings, *args: str, exit_code: int = 0) -> AsyncIterator[Flusher]:
+    """``tiered-sessions flusher --metrics-port 0 ARGS`` as a subprocess; stopped with SIGTERM (``exit_code``
+    checked)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tiered_sessions.cli", "flusher", "--metrics-port", "0", *args,
         env=env_for(settings), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
@@ -123,7 +124,7 @@ async def flusher(settings: Settings, *args: str) -> AsyncIterator[Flusher]:
             if process.returncode is None:
                 process.kill()
             await reader
-    assert process.returncode == 0, "".join(log)
+    assert process.returncode == exit_code, "".join(log)
 
 
 async def _collect(stream: asyncio.StreamReader, log: list[str]) -> None:

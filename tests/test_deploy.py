@@ -191,7 +191,7 @@ def test_dashboard_and_alerts_query_only_defined_metrics() -> None:
     assert {f.name for f in REGISTRY.collect() if f.name.startswith("tiered_sessions_")} == \
         {f.name for metric in metrics.exported() for f in metric.describe()}
     assert {f.name for metric in metrics.ENDPOINTS for f in metric.describe()} == \
-        {"tiered_sessions_ready"}
+        {"tiered_sessions_ready", "tiered_sessions_layout_refused"}
 
 
 def test_every_metric_is_documented() -> None:

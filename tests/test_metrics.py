@@ -81,10 +81,27 @@ async def test_the_flusher_exports_only_what_it_can_move(settings: Settings) -> 
     assert not [name for name in names if name.endswith("_created")]
     for name in ("tiered_sessions_flush_errors_total", "tiered_sessions_flushed_rows_total",
                  "tiered_sessions_flush_lag_seconds", "tiered_sessions_task_restarts_total", "tiered_sessions_ready",
-                 "tiered_sessions_mode", "process_resident_memory_bytes"):
+                 "tiered_sessions_layout_refused", "tiered_sessions_mode", "process_resident_memory_bytes"):
         assert name in names, name
     lines = len(text.splitlines())
     assert lines <= FLUSHER_METRICS_LINES_MAX, f"{lines} lines"
+
+
+async def test_a_flusher_refusing_its_layout_says_so_until_stopped(settings: Settings) -> None:
+    async with SessionManager(settings=settings):
+        pass  # records the tier's layout
+    other = str(settings.partitions // 2)
+    async with flusher(settings, "--partitions", other, exit_code=2) as process:
+        status, health = await get_json(process.port, "/healthz")
+        assert status == 503 and health["status"] == "refused to start", health
+        assert f"partitions {settings.partitions}" in health["error"] and f"configured with {other}" in health["error"]
+        status, ready = await get_json(process.port, "/readyz")
+        assert status == 503 and ready == {"ready": False, "refused": health["error"]}
+        samples, _ = await process.samples()
+        assert value(samples, "tiered_sessions_layout_refused") == 1
+        assert value(samples, "tiered_sessions_ready") == 0
+    log = "".join(process.log)
+    assert "refusing to start" in log and "LayoutMismatch" in log
 
 
 async def test_readyz_fails_while_postgres_is_down(redis_url: str, own_postgres: PostgresServer) -> None:

@@ -9,6 +9,10 @@
 * ``/readyz``: 200 when Redis and PostgreSQL answer and the flush lag is at most ``ready_max_lag`` seconds,
   else 503; the JSON body says which check failed.
 
+A flusher whose layout the tier refuses (``LayoutMismatch``) serves them in ``refused`` mode until stopped:
+503 on ``/healthz`` and ``/readyz`` naming the difference, ``tiered_sessions_layout_refused`` 1 on ``/metrics``,
+so a refused deploy is an alert, not a silent restart loop.
+
 Both checks run side by side, each bounded by ``check_timeout``: a server that hangs (accepts connections,
 answers nothing) costs one bound, and is named ("no answer within 3s"). A check still waiting is not started
 again: later requests report the one in flight, so a hung server never piles up calls.
@@ -94,7 +98,8 @@ class OpsServer:
 
     def __init__(self, manager: SessionManager, *, host: str = "127.0.0.1", port: int = 0,
                  ready_max_lag: float = 30.0, check_timeout: float | None = None,
-                 registry: CollectorRegistry | None = None, serves_calls: bool = True) -> None:
+                 registry: CollectorRegistry | None = None, serves_calls: bool = True,
+                 refused: str | None = None) -> None:
         self.manager = manager
         self.host = host
         self.port = port
@@ -104,6 +109,8 @@ class OpsServer:
         self._server: asyncio.Server | None = None
         self._redis = _Check("reading the tier from Redis")
         self._postgres = _Check("SELECT 1 on PostgreSQL")
+        self.refused = refused  # why this process refused to start (its manager is not started)
+        metrics.LAYOUT_REFUSED.set(0 if refused is None else 1)
 
     async def start(self) -> int:
         """Listen; returns the bound port (the one the OS chose for port 0)."""
@@ -120,7 +127,7 @@ class OpsServer:
     # -- the endpoints ----------------------------------------------------------------------------------------
     async def metrics_page(self, accept: str) -> tuple[int, str, bytes]:
         _, checks = await self.readiness()
-        if checks["redis"] != "ok":  # serve the last values; the scrape itself must not fail
+        if checks.get("redis", "ok") != "ok":  # serve the last values; the scrape itself must not fail
             metrics.BACKEND_ERRORS.labels("redis", "metrics").inc()
             log.warning("/metrics: cannot read the tier's gauges from Redis, serving the last values: %s",
                         checks["redis"])
@@ -128,12 +135,17 @@ class OpsServer:
         return 200, content_type, encoder(self.registry)
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        if self.refused is not None:
+            return 503, {"status": "refused to start", "error": self.refused}
         down = self.manager.worker.down()
         if not down:
             return 200, {"status": "alive"}
         return 503, {"status": "background tasks down", "down": down}
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
+        if self.refused is not None:
+            metrics.READY.set(0)
+            return 503, {"ready": False, "refused": self.refused}
         checks: dict[str, Any] = {}
         reading, postgres = await asyncio.gather(self._check_redis(), self._check_postgres())
         if isinstance(reading, str):

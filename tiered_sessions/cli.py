@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .cold_tier import PostgresSessionStore
 from .config import Settings
-from .errors import ConfigurationError, RedisUnavailable, TieredSessionsError
+from .errors import ConfigurationError, LayoutMismatch, RedisUnavailable, TieredSessionsError
 from .manager import SessionManager
 from .migrate import migrate
 
@@ -153,15 +153,24 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     manager = SessionManager(settings=settings)
-    await manager.start()
-    log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
-             settings.flush_batch_size, settings.flush_interval_secs)
+    refused: LayoutMismatch | None = None
+    try:
+        await manager.start()
+    except LayoutMismatch as exc:  # with the endpoints: say so there until stopped (the alert), then exit 2
+        if args.metrics_port is None:
+            raise
+        refused = exc
+        await manager.close()
+        log.error("refusing to start: %s", exc)
+    else:
+        log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
+                 settings.flush_batch_size, settings.flush_interval_secs)
     server = None
     if args.metrics_port is not None:  # /metrics, /healthz, /readyz (_ops_http.py)
         from ._ops_http import OpsServer
         disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
-        server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
-                           ready_max_lag=args.ready_max_lag, serves_calls=False)  # it serves no calls
+        server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port, ready_max_lag=args.ready_max_lag,
+                           serves_calls=False, refused=None if refused is None else str(refused))
         try:
             port = await server.start()
         except OSError as exc:
@@ -170,6 +179,8 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
         log.info("serving /metrics, /healthz, /readyz on http://%s:%d", args.metrics_host, port)
     try:
         await stop.wait()  # the flush loop is supervised: restarted if it dies (logged, counted, /healthz)
+        if refused is not None:
+            raise refused
         log.info("stopping: draining for up to %.1fs", settings.drain_timeout_secs)
     finally:
         try:

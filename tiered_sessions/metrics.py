@@ -11,7 +11,7 @@ Two kinds, so that several processes exporting at once never double-count (docs/
 
 A process exports only the metrics it can move. The hot path's (``HOT_PATH``: reads, call latency, backpressure
 rejections, event listener errors) move only in a process that serves calls, so ``tiered-sessions flusher``
-leaves them out; the endpoints' own (``ENDPOINTS``: readiness) only in a process serving
+leaves them out; the endpoints' own (``ENDPOINTS``: readiness, a refused layout) only in a process serving
 ``/readyz`` (``_ops_http``), so they are on no registry by default. Every other metric is registered on
 prometheus_client's default ``REGISTRY``; a daemon that serves its own registry adds them with
 ``register(registry)``. The global readings are refreshed by the flusher loop after each pass (the journal's
@@ -99,10 +99,13 @@ JOURNAL_PENDING = Gauge("tiered_sessions_journal_pending",
 READY = Gauge("tiered_sessions_ready",
               "1 when this process's last readiness check passed (Redis and Postgres answer, flush lag under the "
               "limit, no background task down), else 0. Checked at every scrape and /readyz.", registry=None)
+LAYOUT_REFUSED = Gauge("tiered_sessions_layout_refused",
+                       "1 while this process refuses to start because its layout (partitions, key prefix) differs "
+                       "from the one the tier recorded.", registry=None)
 
 # What a process exports (see the module's docstring).
 HOT_PATH: tuple[MetricWrapperBase, ...] = (READS, OPERATION_DURATION, BACKPRESSURE_REJECTIONS, EVENT_ERRORS)
-ENDPOINTS: tuple[MetricWrapperBase, ...] = (READY,)
+ENDPOINTS: tuple[MetricWrapperBase, ...] = (READY, LAYOUT_REFUSED)
 
 
 def set_mode(mode: str) -> None:
