@@ -138,6 +138,25 @@ def test_every_alert_has_a_sustained_and_a_blip_case() -> None:
     assert alerts - never_fired == set(), "no blip test where these never fire"
 
 
+def test_every_alert_has_a_runbook_at_an_existing_heading() -> None:
+    for rule in (rule for rule in _rules() if "alert" in rule):
+        url = rule["annotations"].get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        assert path == "docs/operations.md" and anchor == rule["alert"].lower(), f"{rule['alert']}: {url!r}"
+        text = (ROOT / path).read_text()
+        headings = {_slug(heading): start.end() for start in re.finditer(r"^#+ (.+)$", text, re.MULTILINE)
+                    for heading in [start.group(1)]}
+        assert anchor in headings, f"{url}: no such heading"
+        section = re.split(r"^#+ ", text[headings[anchor]:], maxsplit=1, flags=re.MULTILINE)[0]
+        for part in ("**What it means.**", "**What to check.**", "**What to do.**"):
+            assert part in section, f"{rule['alert']}'s runbook lacks {part}"
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def _seconds(duration: str) -> float:
     units = {"h": 3600, "m": 60, "s": 1}
     return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)([hms])", duration))
