@@ -89,11 +89,12 @@ class Flusher:
 
 
 @contextlib.asynccontextmanager
-async def flusher(settings: Settings, *args: str, exit_code: int = 0) -> AsyncIterator[Flusher]:
-    """``tiered-sessions flusher --metrics-port 0 ARGS`` as a subprocess; stopped with SIGTERM (``exit_code``
-    checked)."""
+async def flusher(settings: Settings, *args: str, exit_code: int = 0, command: str = "flusher",
+                  ) -> AsyncIterator[Flusher]:
+    """``tiered-sessions COMMAND --metrics-port 0 ARGS`` (the flusher, or the load) as a subprocess; stopped with
+    SIGTERM (``exit_code`` checked)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tiered_sessions.cli", "flusher", "--metrics-port", "0", *args,
+        sys.executable, "-m", "tiered_sessions.cli", command, "--metrics-port", "0", *args,
         env=env_for(settings), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
     assert process.stderr is not None
     log: list[str] = []

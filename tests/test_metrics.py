@@ -87,6 +87,35 @@ async def test_the_flusher_exports_only_what_it_can_move(settings: Settings) -> 
     assert lines <= FLUSHER_METRICS_LINES_MAX, f"{lines} lines"
 
 
+# A manager's /metrics: the flusher's plus the hot path's (docs/operations.md has the figures).
+MANAGER_METRICS_LINES_MAX = 420
+
+
+async def test_a_manager_process_exports_the_hot_path(settings: Settings) -> None:
+    """`tiered-sessions load` (a SessionManager serving calls, no flusher) exports what calls move."""
+    async with flusher(settings, "--rate", "400", "--sessions", "40", command="load") as process:
+
+        async def busy() -> tuple[Samples, str] | None:
+            samples, text = await process.samples()
+            done = (total(samples, "tiered_sessions_operation_duration_seconds_count", operation="update_activity") >= 1
+                    and value(samples, "tiered_sessions_reads_total", tier="miss") >= 1
+                    and total(samples, "tiered_sessions_dirty_sessions") >= 1)
+            return (samples, text) if done else None
+
+        samples, text = await wait_for(busy, "the load to move the hot path's metrics")
+        assert value(samples, "tiered_sessions_reads_total", tier="hot") >= 1
+        assert value(samples, "tiered_sessions_ready") == 1
+        assert value(samples, "tiered_sessions_mode", mode="normal") == 1
+    names = _series_names(text)
+    assert {f"{name}_bucket" if name.endswith("_seconds") else name for name in HOT_PATH_SERIES} <= names
+    assert not [name for name in names if name.endswith("_created")]
+    lines = len(text.splitlines())
+    assert lines <= MANAGER_METRICS_LINES_MAX, f"{lines} lines"
+    checked = run([promtool(), "check", "metrics"], stdin=text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert any("load running" in line for line in process.log)
+
+
 async def test_a_flusher_refusing_its_layout_says_so_until_stopped(settings: Settings) -> None:
     async with SessionManager(settings=settings):
         pass  # records the tier's layout
