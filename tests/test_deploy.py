@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,17 @@ from prometheus_client import REGISTRY
 from tiered_sessions import cli, metrics
 from tiered_sessions.config import ENV_PREFIX, Settings
 
-from .ops_helpers import DEPLOY, ROOT, compose_binary, promtool, run
+from .ops_helpers import DEPLOY, ROOT, amtool, compose_binary, promtool, run
 
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tiered-sessions.json"
-OUR_IMAGE_SERVICES = ("migrate", "flusher")
+OUR_IMAGE_SERVICES = ("migrate", "flusher", "load")
+# Scraped by Prometheus: service -> scrape job (the alerts name the flusher's).
+SCRAPED = {"flusher": "tiered-sessions-flusher", "load": "tiered-sessions-load", "redis-exporter": "redis",
+           "postgres-exporter": "postgres"}
+# The variables the stack needs and gives no default (compose refuses to start without them).
+REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
 
 
 def _compose() -> dict[str, Any]:
@@ -35,15 +42,40 @@ def _flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def test_compose_file_passes_docker_compose_validation() -> None:
-    binary = compose_binary()
-    checked = run([*binary, "-f", str(COMPOSE_FILE), "config", "--quiet"])
+def _compose_config(tmp_path: Path, environment: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`docker compose config` with only ``environment`` (an env file of its own: no stray deploy/.env)."""
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in environment.items()))
+    clean = {name: value for name, value in os.environ.items() if name not in REQUIRED_SECRETS}
+    return subprocess.run([*compose_binary(), "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", *args],
+                          capture_output=True, text=True, timeout=60, check=False, env=clean)
+
+
+def test_compose_file_passes_docker_compose_validation(tmp_path: Path) -> None:
+    secrets = {name: f"secret-{name.lower()}" for name in REQUIRED_SECRETS}
+    checked = _compose_config(tmp_path, secrets, "--quiet")
     assert checked.returncode == 0, checked.stderr
-    normalized = json.loads(run([*binary, "-f", str(COMPOSE_FILE), "config", "--format", "json"]).stdout)
+    normalized = json.loads(_compose_config(tmp_path, secrets, "--format", "json").stdout)
     services = normalized["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "flusher", "prometheus", "grafana"}
-    assert services["flusher"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert Path(services["flusher"]["build"]["context"]) == ROOT  # `..` from deploy/: the repository root
+    assert set(services) == {"redis", "postgres", "migrate", "flusher", "load", "redis-exporter",
+                             "postgres-exporter", "prometheus", "alertmanager", "grafana"}
+    for name in ("flusher", "load"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert Path(services[name]["build"]["context"]) == ROOT  # `..` from deploy/: the repository root
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "secret-grafana_admin_password"
+    assert "secret-postgres_password" in services["postgres-exporter"]["environment"]["DATA_SOURCE_NAME"]
+    # Published on the loopback only.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+    # Every long-running service has a healthcheck; migrate runs once (its exit code is its health).
+    for name, service in services.items():
+        if name != "migrate":
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    # No default password: without them compose refuses, naming each.
+    for missing in REQUIRED_SECRETS:
+        refused = _compose_config(tmp_path, {name: "x" for name in REQUIRED_SECRETS if name != missing}, "--quiet")
+        assert refused.returncode != 0 and missing in refused.stderr, refused.stderr
 
 
 def test_compose_stack_is_what_the_docs_say() -> None:
@@ -51,19 +83,31 @@ def test_compose_stack_is_what_the_docs_say() -> None:
     redis_command = services["redis"]["command"]
     assert services["redis"]["image"].startswith("redis:7")
     assert _flag(redis_command, "--appendonly") == "yes" and _flag(redis_command, "--appendfsync") == "everysec"
+    assert _flag(redis_command, "--maxmemory-policy") == "noeviction" and _flag(redis_command, "--maxmemory")
     assert services["postgres"]["image"].startswith("supabase/postgres:")
     assert services["migrate"]["restart"] == "no"
-    flusher = services["flusher"]
-    assert flusher["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert "/healthz" in " ".join(flusher["healthcheck"]["test"])
-    # The port is the same everywhere: the flusher's flag, its healthcheck, its published port, Prometheus.
-    port = _flag(flusher["command"], "--metrics-port")
-    assert _flag(flusher["command"], "--metrics-host") == "0.0.0.0"  # reachable from the Prometheus container
-    assert f"127.0.0.1:{port}/healthz" in " ".join(flusher["healthcheck"]["test"])
-    assert flusher["ports"] == [f"{port}:{port}"]
-    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
-    assert [job["static_configs"][0]["targets"] for job in scrape] == [[f"flusher:{port}"]]
+    assert "GF_SECURITY_ADMIN_PASSWORD" in services["grafana"]["environment"]
+    prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
+    for name in ("flusher", "load"):
+        service = services[name]
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        # The port is the same everywhere: the flag, the healthcheck, the published port, Prometheus's target.
+        port = _flag(service["command"], "--metrics-port")
+        assert _flag(service["command"], "--metrics-host") == "0.0.0.0"  # reachable from the Prometheus container
+        assert f"127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
+        assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
+        assert jobs[SCRAPED[name]] == [f"{name}:{port}"]
+    assert set(jobs) == set(SCRAPED.values())
+    for name in ("redis-exporter", "postgres-exporter"):
+        port = jobs[SCRAPED[name]][0].rpartition(":")[2]
+        assert f"127.0.0.1:{port}/metrics" in " ".join(services[name]["healthcheck"]["test"])
+    # Prometheus sends its alerts to the Alertmanager service.
+    [alertmanagers] = prometheus["alerting"]["alertmanagers"]
+    assert alertmanagers["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert services["alertmanager"]["ports"] == ["127.0.0.1:9093:9093"]
     # Drain before the SIGKILL.
+    flusher = services["flusher"]
     assert int(flusher["stop_grace_period"].rstrip("s")) > float(_flag(flusher["command"], "--drain-timeout"))
     # Every bind-mounted path exists.
     for service in services.values():
@@ -71,6 +115,11 @@ def test_compose_stack_is_what_the_docs_say() -> None:
             source = volume.split(":", 1)[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), volume
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    done = run([amtool(), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml")])
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_compose_commands_flags_and_env_vars_are_real() -> None:
