@@ -18,6 +18,7 @@ import yaml  # type: ignore[import-untyped]
 from prometheus_client import REGISTRY
 
 from tiered_sessions import cli, metrics
+from tiered_sessions._ops_http import endpoint_registry
 from tiered_sessions.config import ENV_PREFIX, Settings
 
 from .ops_helpers import DEPLOY, ROOT, amtool, compose_binary, promtool, run
@@ -232,21 +233,63 @@ def _rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"]]
 
 
-def test_dashboard_and_alerts_query_only_defined_metrics() -> None:
-    known = _sample_names()
-    recorded = {rule["record"] for rule in _rules() if "record" in rule}
-    queries = _dashboard_queries() + [rule["expr"] for rule in _rules()]
-    used = set()
+# The exporters of the stack (docker-compose.yml) and the metric names each can export, vendored with their source
+# in tests/exporter_metrics/; Prometheus's own series.
+EXPORTERS = {"redis-exporter": ("oliver006/redis_exporter:v1.67.0-alpine", "redis_exporter-v1.67.0.txt"),
+             "postgres-exporter": ("prometheuscommunity/postgres-exporter:v0.17.1", "postgres_exporter-v0.17.1.txt")}
+PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                 "offset", "inf", "nan"}
+
+
+def _metric_names(query: str) -> set[str]:
+    """The metric names a PromQL query reads: label matchers, ranges, grouping labels, strings, numbers and
+    function names taken out."""
+    text = re.sub(r'"[^"]*"', "", query)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = re.findall(r"(?<![\w.$])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", text)
+    return {name for name in names if name.lower() not in _PROMQL_WORDS}
+
+
+def _known_names() -> set[str]:
+    """Every series some exporter of the dev stack can export: ours (the tier's, and a process's own), the
+    exporters', Prometheus's, and the recording rules."""
+    known = _sample_names() | PROMETHEUS_OWN
+    known |= {rule["record"] for rule in _rules() if "record" in rule}
+    for family in endpoint_registry(serves_calls=True).collect():
+        known |= {sample.name for sample in family.samples}
+    services = _compose()["services"]
+    for service, (image, listing) in EXPORTERS.items():
+        assert services[service]["image"] == image, "the vendored name list must match the image the stack runs"
+        lines = (ROOT / "tests" / "exporter_metrics" / listing).read_text().splitlines()
+        known |= {line for line in lines if line and not line.startswith("#")}
+    return known
+
+
+def test_dashboard_and_alerts_query_only_metrics_the_stack_exports() -> None:
+    """Every panel has queries, and every query (and alert) reads only series that an exporter of the stack or
+    metrics.py defines: in the dev stack every panel has a source."""
+    known = _known_names()
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [rule["expr"] for rule in _rules()]
+    for panel in dashboard["panels"]:
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        queries += [target["expr"] for target in panel["targets"]]
     for query in queries:
-        for name in re.findall(r"\btiered_sessions[_:][A-Za-z0-9_:]*", query):
-            assert name in known or name in recorded, f"{name} (in {query}) is not defined by metrics.py"
-            used.add(name)
-    # The dashboard shows lag, backlog, throughput, errors, read tiers and latency.
-    shown = " ".join(_dashboard_queries())
+        names = _metric_names(query)
+        assert names, query
+        assert names <= known, f"{sorted(names - known)} (in {query}) is exported by nothing in the stack"
+    assert _metric_names('sum by (le) (rate(a_bucket{job=~"$job"}[5m])) / on (x) b or vector(0)') == {"a_bucket", "b"}
+    # The dashboard shows lag, backlog, throughput, errors, read tiers, latency, alerts, the journal, task
+    # restarts, Redis's memory and PostgreSQL.
+    shown = set().union(*(_metric_names(query) for query in _dashboard_queries()))
     for name in ("tiered_sessions_flush_lag_seconds", "tiered_sessions_dirty_sessions",
                  "tiered_sessions_flushed_rows_total", "tiered_sessions_flush_errors_total",
                  "tiered_sessions_reads_total", "tiered_sessions_operation_duration_seconds_bucket",
-                 "tiered_sessions_live_sessions", "tiered_sessions_dead_letters_stored"):
+                 "tiered_sessions_live_sessions", "tiered_sessions_dead_letters_stored", "ALERTS",
+                 "tiered_sessions_journal_pending", "tiered_sessions_task_restarts_total", "tiered_sessions_ready",
+                 "redis_memory_used_bytes", "redis_memory_max_bytes", "pg_up", "pg_stat_database_xact_commit"):
         assert name in shown, name
     alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
     assert {"TieredSessionsFlushLagHigh", "TieredSessionsBacklogGrowing", "TieredSessionsFlushErrors",
@@ -271,7 +314,8 @@ def test_every_metric_is_documented() -> None:
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     # promtool has no "check this expression": make each query a recording rule and check the rule file.
-    rules = [{"record": f"dashboard:query_{i}", "expr": query.replace("$__rate_interval", "5m")}
+    rules = [{"record": f"dashboard:query_{i}",
+              "expr": query.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*")}
              for i, query in enumerate(_dashboard_queries())]
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -282,11 +326,19 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
-    uid = datasources["datasources"][0]["uid"]
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    assert datasources["datasources"][0]["type"] == "prometheus"
+    # No hard-wired datasource: a variable, so the dashboard imports anywhere; job and instance variables.
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance"):
+        assert variables[name]["type"] == "query" and variables[name]["datasource"]["uid"] == "${datasource}"
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == uid
-        assert all(target["datasource"]["uid"] == uid for target in panel["targets"])
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            if any(name.startswith("tiered_sessions_") or name == "up" for name in _metric_names(target["expr"])):
+                assert '$job"' in target["expr"] and '$instance"' in target["expr"], target["expr"]
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/tiered-sessions.yml").read_text())
