@@ -19,7 +19,7 @@ import random
 import secrets
 import time
 
-from ._ops_http import OpsServer
+from ._ops_http import serving
 from .config import Settings
 from .errors import ConfigurationError, TieredSessionsError
 from .manager import SessionManager
@@ -106,23 +106,9 @@ async def run_load(settings: Settings, *, rate: float, sessions: int, concurrenc
     """Run the workload until ``stop`` is set, serving the endpoints on ``port`` if given (0: any free port)."""
     manager = SessionManager(settings=settings)
     await manager.start()
-    server = None
-    try:
+    async with serving(manager, port, host, ready_max_lag=ready_max_lag, serves_calls=True):
         load = Load(manager, rate=rate, sessions=sessions, concurrency=concurrency)
-        if port is not None:
-            server = OpsServer(manager, host=host, port=port, ready_max_lag=ready_max_lag, serves_calls=True)
-            try:
-                bound = await server.start()
-            except OSError as exc:
-                raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
-            log.info("serving /metrics, /healthz, /readyz on http://%s:%d", host, bound)
         log.info("load running: %.0f calls/s over %d sessions, %d tasks", rate, sessions, concurrency)
         await load.run(stop)
         log.info("load stopped")
-    finally:
-        try:
-            await manager.close()
-        finally:
-            if server is not None:
-                await server.close()
     return 0

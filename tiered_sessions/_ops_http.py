@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
@@ -36,6 +36,7 @@ from prometheus_client.exposition import choose_encoder
 
 from . import metrics
 from .config import redact_message
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._hot_tier import TierReading
@@ -226,6 +227,28 @@ class OpsServer:
         if target == "/healthz":
             return _json(*self.health())
         return _json(*await self.readiness())
+
+
+@contextlib.asynccontextmanager
+async def serving(manager: SessionManager, port: int | None, host: str, **options: Any) -> AsyncIterator[None]:
+    """Serve the endpoints for ``manager`` on ``port`` (None: no server; 0: any free port, logged) while the block
+    runs; on the way out close the manager, then the server, so /healthz answers while it drains."""
+    server = None
+    try:
+        if port is not None:
+            server = OpsServer(manager, host=host, port=port, **options)
+            try:
+                bound = await server.start()
+            except OSError as exc:
+                raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+            log.info("serving /metrics, /healthz, /readyz on http://%s:%d", host, bound)
+        yield
+    finally:
+        try:
+            await manager.close()
+        finally:
+            if server is not None:
+                await server.close()
 
 
 def _json(status: int, body: dict[str, Any]) -> tuple[int, str, bytes]:

@@ -189,34 +189,18 @@ async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
         if args.metrics_port is None:
             raise
         refused = exc
-        await manager.close()
         log.error("refusing to start: %s", exc)
     else:
         log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
                  settings.flush_batch_size, settings.flush_interval_secs)
-    server = None
-    if args.metrics_port is not None:  # /metrics, /healthz, /readyz (_ops_http.py)
-        from ._ops_http import OpsServer
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
-        server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port, ready_max_lag=args.ready_max_lag,
-                           serves_calls=False, refused=None if refused is None else str(refused))
-        try:
-            port = await server.start()
-        except OSError as exc:
-            await manager.close()
-            raise ConfigurationError(f"cannot listen on {args.metrics_host}:{args.metrics_port}: {exc}") from None
-        log.info("serving /metrics, /healthz, /readyz on http://%s:%d", args.metrics_host, port)
-    try:
+    from ._ops_http import serving  # /metrics, /healthz, /readyz with --metrics-port
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
+    async with serving(manager, args.metrics_port, args.metrics_host, ready_max_lag=args.ready_max_lag,
+                       serves_calls=False, refused=None if refused is None else str(refused)):
         await stop.wait()  # the flush loop is supervised: restarted if it dies (logged, counted, /healthz)
         if refused is not None:
             raise refused
         log.info("stopping: draining for up to %.1fs", settings.drain_timeout_secs)
-    finally:
-        try:
-            await manager.close()
-        finally:
-            if server is not None:
-                await server.close()
     return 0
 
 
