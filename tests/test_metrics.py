@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -61,6 +63,76 @@ async def test_flusher_serves_metrics_health_and_readiness(settings: Settings) -
     assert any("serving /metrics" in line for line in process.log)
 
 
+# The flusher's /metrics without the hot path's series (docs/operations.md has the figures).
+FLUSHER_METRICS_LINES_MAX = 160
+HOT_PATH_SERIES = ("tiered_sessions_operation_duration_seconds", "tiered_sessions_reads_total",
+                   "tiered_sessions_backpressure_rejections_total", "tiered_sessions_event_listener_errors_total")
+
+
+def _series_names(text: str) -> set[str]:
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def test_the_flusher_exports_only_what_it_can_move(settings: Settings) -> None:
+    async with flusher(settings) as process:
+        _, text = await process.samples()
+    names = _series_names(text)
+    assert not [name for name in names if name.startswith(HOT_PATH_SERIES)], "the flusher serves no calls"
+    assert not [name for name in names if name.endswith("_created")]
+    for name in ("tiered_sessions_flush_errors_total", "tiered_sessions_flushed_rows_total",
+                 "tiered_sessions_flush_lag_seconds", "tiered_sessions_task_restarts_total", "tiered_sessions_ready",
+                 "tiered_sessions_layout_refused", "tiered_sessions_mode", "process_resident_memory_bytes"):
+        assert name in names, name
+    lines = len(text.splitlines())
+    assert lines <= FLUSHER_METRICS_LINES_MAX, f"{lines} lines"
+
+
+# A manager's /metrics: the flusher's plus the hot path's (docs/operations.md has the figures).
+MANAGER_METRICS_LINES_MAX = 420
+
+
+async def test_a_manager_process_exports_the_hot_path(settings: Settings) -> None:
+    """`tiered-sessions load` (a SessionManager serving calls, no flusher) exports what calls move."""
+    async with flusher(settings, "--rate", "400", "--sessions", "40", command="load") as process:
+
+        async def busy() -> tuple[Samples, str] | None:
+            samples, text = await process.samples()
+            done = (total(samples, "tiered_sessions_operation_duration_seconds_count", operation="update_activity") >= 1
+                    and value(samples, "tiered_sessions_reads_total", tier="miss") >= 1
+                    and total(samples, "tiered_sessions_dirty_sessions") >= 1)
+            return (samples, text) if done else None
+
+        samples, text = await wait_for(busy, "the load to move the hot path's metrics")
+        assert value(samples, "tiered_sessions_reads_total", tier="hot") >= 1
+        assert value(samples, "tiered_sessions_ready") == 1
+        assert value(samples, "tiered_sessions_mode", mode="normal") == 1
+    names = _series_names(text)
+    assert {f"{name}_bucket" if name.endswith("_seconds") else name for name in HOT_PATH_SERIES} <= names
+    assert not [name for name in names if name.endswith("_created")]
+    lines = len(text.splitlines())
+    assert lines <= MANAGER_METRICS_LINES_MAX, f"{lines} lines"
+    checked = run([promtool(), "check", "metrics"], stdin=text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert any("load running" in line for line in process.log)
+
+
+async def test_a_flusher_refusing_its_layout_says_so_until_stopped(settings: Settings) -> None:
+    async with SessionManager(settings=settings):
+        pass  # records the tier's layout
+    other = str(settings.partitions // 2)
+    async with flusher(settings, "--partitions", other, exit_code=2) as process:
+        status, health = await get_json(process.port, "/healthz")
+        assert status == 503 and health["status"] == "refused to start", health
+        assert f"partitions {settings.partitions}" in health["error"] and f"configured with {other}" in health["error"]
+        status, ready = await get_json(process.port, "/readyz")
+        assert status == 503 and ready == {"ready": False, "refused": health["error"]}
+        samples, _ = await process.samples()
+        assert value(samples, "tiered_sessions_layout_refused") == 1
+        assert value(samples, "tiered_sessions_ready") == 0
+    log = "".join(process.log)
+    assert "refusing to start" in log and "LayoutMismatch" in log
+
+
 async def test_readyz_fails_while_postgres_is_down(redis_url: str, own_postgres: PostgresServer) -> None:
     settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix=f"rz{uuid.uuid4().hex[:8]}",
                         max_concurrent_sessions=None, socket_timeout_secs=3)
@@ -89,6 +161,39 @@ async def test_readyz_fails_while_postgres_is_down(redis_url: str, own_postgres:
         assert total(samples, "tiered_sessions_dirty_sessions") == 10
         assert value(samples, "tiered_sessions_flush_lag_seconds") > 0
     assert any("flush failed" in line for line in process.log)
+
+
+async def test_metrics_and_readyz_answer_in_bounded_time_while_postgres_hangs(
+        redis_url: str, own_postgres: PostgresServer) -> None:
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix=f"hang{uuid.uuid4().hex[:8]}",
+                        max_concurrent_sessions=None, socket_timeout_secs=3)
+    await migrate(settings)
+    async with flusher(settings, "--flush-interval", "0.05", "--drain-timeout", "1") as process:
+        assert (await get_json(process.port, "/readyz"))[0] == 200
+        own_postgres.pause()  # SIGSTOP: connections are accepted, nothing answers
+        try:
+            for _ in range(3):  # each request bounded, the second and third while the first check still hangs
+                started = time.monotonic()
+                status, body = await get_json(process.port, "/readyz")
+                took = time.monotonic() - started
+                assert status == 503 and body["redis"] == "ok", body
+                assert "no answer within 3s" in body["postgres"], body
+                assert took < 3 + 1.5, f"/readyz took {took:.1f}s"
+                started = time.monotonic()
+                samples, _ = await process.samples()
+                took = time.monotonic() - started
+                assert took < 3 + 1.5, f"/metrics took {took:.1f}s"
+                assert value(samples, "tiered_sessions_ready") == 0
+            assert (await get_json(process.port, "/healthz"))[0] == 200
+        finally:
+            own_postgres.resume()
+
+        async def ready() -> bool:
+            return (await get_json(process.port, "/readyz"))[0] == 200
+
+        await wait_for(ready, "/readyz to recover once PostgreSQL answers", timeout=30)
+        samples, _ = await process.samples()
+        assert value(samples, "tiered_sessions_ready") == 1
 
 
 async def test_embedded_metrics_reads_by_tier_latency_and_lag_readiness(settings: Settings,
@@ -147,6 +252,29 @@ async def test_embedded_metrics_reads_by_tier_latency_and_lag_readiness(settings
         finally:
             await server.close()
             registry.unregister(collector)
+
+
+async def test_only_refreshing_processes_set_the_global_readings(settings: Settings) -> None:
+    """A drain (flush(), close()) or a journal count in a process without a flusher loop exports nothing: a
+    reading set once would stay in that process's /metrics, stale, and max() over the processes would keep an
+    alert firing after the trouble ended."""
+    sentinel = 12345.0
+    gauges = (metrics.FLUSH_LAG, metrics.LIVE_SESSIONS, metrics.JOURNAL_PENDING)
+    try:
+        for gauge in gauges:
+            gauge.set(sentinel)
+        async with SessionManager(settings=settings, run_flusher=False) as manager:
+            await manager.ensure("stale")
+            assert await manager.flush() == 0
+            assert manager.flusher is not None
+            assert await manager.flusher.journal.pending() == 0
+        assert [gauge._value.get() for gauge in gauges] == [sentinel] * len(gauges)
+        async with SessionManager(settings=settings, run_flusher=False) as manager:
+            await metrics.refresh(manager)  # what a scrape does: fresh values
+        assert metrics.FLUSH_LAG._value.get() == 0 and metrics.LIVE_SESSIONS._value.get() == 1
+    finally:
+        for gauge in gauges:
+            gauge.set(0)
 
 
 def test_mode_gauge_and_registration_errors() -> None:

@@ -232,6 +232,12 @@ class Flusher(LeaseHolder):
         metrics.export(reading)
         return reading.dirty_sessions, reading.flush_lag_seconds
 
+    async def _backlog(self) -> tuple[int, float]:
+        """The backlog and lag without exporting them: a drain (``flush()``, ``close()``) runs in processes that
+        refresh no gauge afterwards, and a reading exported once would stay there, stale, for good."""
+        reading = await self.hot.reading(_codec.now_ms())
+        return reading.dirty_sessions, reading.flush_lag_seconds
+
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set. Failures are retried with backoff; nothing dirty is ever dropped."""
         while not stop.is_set():
@@ -240,7 +246,8 @@ class Flusher(LeaseHolder):
                 async for attempt in retrying(stop, None, self.outage, self.update_gauges):
                     with attempt:
                         await self.rebalance()
-                        await self.journal.replay_pending()
+                        # Only this loop exports the count: a process that read it once would export it forever.
+                        metrics.JOURNAL_PENDING.set(await self.journal.replay_pending())
                         result = await self.flush_once()
                         await self.update_gauges()
                 self.outage.ended()
@@ -288,7 +295,7 @@ class Flusher(LeaseHolder):
         extra = dict.fromkeys(self.partitions, 0)  # per partition: entries already done, to claim beyond them
         durable_dirty = 0
         while time.monotonic() < deadline:
-            async for attempt in retrying(None, deadline, self.outage, self.update_gauges):
+            async for attempt in retrying(None, deadline, self.outage, _no_gauges):
                 with attempt:
                     journaled = await self.journal.replay_pending()
                     result, durable_dirty, complete = await self._drain_pass(up_to, done, deferred, extra, deadline)
@@ -297,7 +304,7 @@ class Flusher(LeaseHolder):
                 progress(result)
             if complete:
                 break
-        dirty, _ = await self.update_gauges()
+        dirty, _ = await self._backlog()
         if journaled:  # folded in by now (by another replayer), or still pending: only the count can tell
             journaled = await self.journal.pending()
         return max(0, dirty - durable_dirty) + journaled
@@ -349,6 +356,10 @@ class Flusher(LeaseHolder):
             metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         self._count(result)
         return result, sum(durable.values()), saw_all and not wrote
+
+
+async def _no_gauges() -> None:
+    """A drain's pause between attempts: it exports no gauge (see ``Flusher._backlog``)."""
 
 
 def _session_id(entry: DirtyEntry) -> str:

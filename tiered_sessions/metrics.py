@@ -9,9 +9,14 @@ Two kinds, so that several processes exporting at once never double-count (docs/
   the same value. Aggregate with
   ``max()``, never ``sum()``. A process that never refreshed them exports 0, which ``max()`` ignores.
 
-Everything is registered on prometheus_client's default ``REGISTRY``. A daemon that serves its own registry
-adds the same metrics with ``register(registry)``. The gauges are refreshed by the flusher after each pass, and
-by ``await refresh(manager)`` (the ``/metrics`` endpoint of ``tiered-sessions flusher`` calls it per scrape).
+A process exports only the metrics it can move. The hot path's (``HOT_PATH``: reads, call latency, backpressure
+rejections, event listener errors) move only in a process that serves calls, so ``tiered-sessions flusher``
+leaves them out; the endpoints' own (``ENDPOINTS``: readiness, a refused layout) only in a process serving
+``/readyz`` (``_ops_http``), so they are on no registry by default. Every other metric is registered on
+prometheus_client's default ``REGISTRY``; a daemon that serves its own registry adds them with
+``register(registry)``. The global readings are refreshed by the flusher loop after each pass (the journal's
+by it alone), and by ``await refresh(manager)`` (the ``/metrics`` endpoint of ``tiered-sessions flusher`` calls
+it per scrape); a drain or a one-off ``flush()`` leaves them alone, so no process exports a stale reading.
 """
 
 from __future__ import annotations
@@ -90,6 +95,18 @@ JOURNAL_PENDING = Gauge("tiered_sessions_journal_pending",
                         "Journal entries (writes taken while Redis was unreachable) not yet folded back into Redis. "
                         "Global reading of Postgres: aggregate with max().")
 
+# -- the endpoints' own (only a process serving /readyz exports them: _ops_http) -------------------------------
+READY = Gauge("tiered_sessions_ready",
+              "1 when this process's last readiness check passed (Redis and Postgres answer, flush lag under the "
+              "limit, no background task down), else 0. Checked at every scrape and /readyz.", registry=None)
+LAYOUT_REFUSED = Gauge("tiered_sessions_layout_refused",
+                       "1 while this process refuses to start because its layout (partitions, key prefix) differs "
+                       "from the one the tier recorded.", registry=None)
+
+# What a process exports (see the module's docstring).
+HOT_PATH: tuple[MetricWrapperBase, ...] = (READS, OPERATION_DURATION, BACKPRESSURE_REJECTIONS, EVENT_ERRORS)
+ENDPOINTS: tuple[MetricWrapperBase, ...] = (READY, LAYOUT_REFUSED)
+
 
 def set_mode(mode: str) -> None:
     """Export ``mode`` (``normal`` or ``degraded``) as this process's mode: 1 for it, 0 for the other."""
@@ -100,11 +117,23 @@ def set_mode(mode: str) -> None:
 
 
 set_mode("normal")
-# Series that exist from the start, so rate() over them reads 0 rather than "no data".
+# Series that exist from the start with the values they can take, so rate() over them reads 0 rather than "no
+# data" and sees the first increment. Flush errors are labelled with the exception's class: the ones a server
+# out of reach raises are known (a killed or restarting Postgres, a hung one, a lost Redis).
+FLUSH_ERROR_KINDS = ("ConnectionRefusedError", "ConnectionResetError", "ConnectionDoesNotExistError",
+                     "CannotConnectNowError", "TooManyConnectionsError", "AdminShutdownError", "TimeoutError",
+                     "ConnectionError", "PostgresUnavailable")
+TASKS = ("flusher", "cleanup", "backlog", "events", "redis-probe")
 for _kind in ("upsert", "activity", "tombstone", "expired"):
     FLUSHED_ROWS.labels(_kind)
+for _kind in FLUSH_ERROR_KINDS:
+    FLUSH_ERRORS.labels(_kind)
+for _task in TASKS:
+    TASK_RESTARTS.labels(_task)
 for _tier in ("hot", "cold", "miss"):
     READS.labels(_tier)
+for _kind in ("created", "removed", "expired"):
+    EVENT_ERRORS.labels(_kind)
 
 
 class OperationTimer:
@@ -133,24 +162,38 @@ def all_metrics() -> list[MetricWrapperBase]:
     return [value for value in globals().values() if isinstance(value, MetricWrapperBase)]
 
 
+def exported(*, serves_calls: bool = True, serves_endpoints: bool = False) -> list[MetricWrapperBase]:
+    """The metrics a process exports: without ``serves_calls`` none of ``HOT_PATH``, without ``serves_endpoints``
+    none of ``ENDPOINTS``."""
+    left_out = (() if serves_calls else HOT_PATH) + (() if serves_endpoints else ENDPOINTS)
+    return [metric for metric in all_metrics() if not any(metric is other for other in left_out)]
+
+
 class TierCollector(Collector):
     """Yields this module's metrics: lets a daemon add them to a registry of its own (see ``register``)."""
 
+    def __init__(self, chosen: list[MetricWrapperBase] | None = None) -> None:
+        self._chosen = chosen
+
+    def _metrics(self) -> list[MetricWrapperBase]:
+        return exported() if self._chosen is None else self._chosen
+
     def collect(self) -> Iterator[Metric]:
-        for metric in all_metrics():
+        for metric in self._metrics():
             yield from metric.collect()
 
     def describe(self) -> Iterable[Metric]:
-        for metric in all_metrics():
+        for metric in self._metrics():
             yield from metric.describe()
 
 
-def register(registry: CollectorRegistry) -> TierCollector:
-    """Add every tiered_sessions metric to ``registry`` (a daemon's own; they are on ``REGISTRY`` already).
-    Returns the collector, for ``registry.unregister``."""
+def register(registry: CollectorRegistry, *, serves_calls: bool = True,
+             serves_endpoints: bool = False) -> TierCollector:
+    """Add the tiered_sessions metrics a process exports (see ``exported``) to ``registry`` (a daemon's own; they
+    are on ``REGISTRY`` already). Returns the collector, for ``registry.unregister``."""
     if registry is REGISTRY:
         raise ValueError("the tiered_sessions metrics are on prometheus_client.REGISTRY already")
-    collector = TierCollector()
+    collector = TierCollector(exported(serves_calls=serves_calls, serves_endpoints=serves_endpoints))
     registry.register(collector)
     return collector
 

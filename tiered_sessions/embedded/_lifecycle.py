@@ -26,7 +26,7 @@ from typing import ClassVar, Self
 from ..errors import EmbeddedServerError
 from ._privileges import world_tmp
 from ._probes import ProbeError
-from ._processes import kill_tree
+from ._processes import descendants, kill_tree, send_signal
 
 logger = logging.getLogger(__name__)
 
@@ -170,15 +170,20 @@ class ManagedServer:
             self._reap()
 
     def pause(self) -> None:
-        """SIGSTOP the server: unreachable, its data kept (a hung host or a long GC pause)."""
+        """SIGSTOP the server and every process it started (PostgreSQL's backends answer the connections they
+        hold): unreachable, its data kept (a hung host or a long GC pause)."""
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
-                os.kill(self._proc.pid, signal.SIGSTOP)
+                os.kill(self._proc.pid, signal.SIGSTOP)  # first: it forks nothing more meanwhile
+                for pid, _ in descendants(self._proc.pid):
+                    send_signal(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        """SIGCONT a paused server."""
+        """SIGCONT a paused server and its processes."""
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
+                for pid, _ in descendants(self._proc.pid):
+                    send_signal(pid, signal.SIGCONT)
                 os.kill(self._proc.pid, signal.SIGCONT)
 
     def restart(self, timeout: float = 10.0) -> None:

@@ -54,7 +54,7 @@ def alive(process: ProcessId) -> bool:
     return info is not None and info[2] == process[1] and info[0] not in ("Z", "X")
 
 
-def _send(pid: int, sig: signal.Signals) -> None:
+def send_signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -76,7 +76,7 @@ def kill_tree(proc: subprocess.Popen[bytes], timeout: float) -> None:
         return
     tree: set[ProcessId] = set()
     if proc.poll() is None:
-        _send(proc.pid, signal.SIGSTOP)
+        send_signal(proc.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 1.0
         while (info := _proc_stat(proc.pid)) is not None and info[0] not in ("T", "t", "Z", "X"):
             if time.monotonic() > deadline:
@@ -84,8 +84,8 @@ def kill_tree(proc: subprocess.Popen[bytes], timeout: float) -> None:
             time.sleep(0.001)
         tree = descendants(proc.pid)
         for pid, _start in tree:
-            _send(pid, signal.SIGKILL)
-        _send(proc.pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
+        send_signal(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + timeout
     while any(alive(process) for process in tree):
