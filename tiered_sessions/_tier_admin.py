@@ -4,8 +4,9 @@ periodic cleanup, never the hot path."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from . import _codec
 from ._tiers import Tiers
@@ -21,15 +22,23 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
         return 0
     total = await tiers.store.count_live()
     done = written = 0
-    async for page in tiers.store.iter_live(page_size):
+    # The next page is read from Postgres while this one is warmed in Redis.
+    pages = aiter(tiers.store.iter_live(page_size))
+    page = await anext(pages, None)
+    while page is not None:
         warmed = []
         for record in page:
             pairs, expires_ms = _codec.hash_from_record(record)
             warmed.append((record.session_id, expires_ms, pairs))
-        written += await tiers.hot.warm_many(warmed)
+        async with asyncio.TaskGroup() as both:  # either failing cancels the other
+            warming = both.create_task(tiers.hot.warm_many(warmed))
+            reading = both.create_task(_next_page(pages))
+        written += warming.result()
+        following = reading.result()
         done += len(page)
         if progress is not None:
             progress(done, max(total, done))
+        page = following
     log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
     return written
 
@@ -43,6 +52,10 @@ async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
         # check_cold: one that left Redis since the scan expired (its bucket counts it), nothing to tombstone
         await tiers.hot.remove(sid, now_ms, check_cold=True, min_version=0, stale=True)
     return closed
+
+
+async def _next_page(pages: AsyncIterator[list[ColdRecord]]) -> list[ColdRecord] | None:
+    return await anext(pages, None)
 
 
 async def expire_in_postgres(tiers: Tiers, now_ms: int) -> list[ColdRecord]:
