@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiered_sessions import Settings
+
+from .conftest import skip_outside_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -37,14 +38,15 @@ def require_tool(name: str, how: str) -> str:
         found = str(beside_python)
     if found is not None:
         return found
-    message = f"{name} not found; {how}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_outside_ci(f"{name} not found; {how}")
 
 
 def promtool() -> str:
     return require_tool("promtool", "./scripts/test puts it in the venv (from Debian's prometheus package)")
+
+
+def prometheus() -> str:
+    return require_tool("prometheus", "./scripts/test puts it in the venv (from Debian's prometheus package)")
 
 
 def amtool() -> str:
