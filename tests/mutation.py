@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import shutil
 import subprocess
@@ -182,7 +183,9 @@ def _pytest(project: Path, selections: Sequence[str], timeout: float) -> tuple[i
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                *selections]
     try:
-        done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=timeout, check=False)
+        # As in CI: a test that would skip (a tool missing) fails instead, since a skipped test kills nothing.
+        done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, "CI": "true"})
     except subprocess.TimeoutExpired:
         return -1, "timed out"
     lines = done.stdout.strip().splitlines()
