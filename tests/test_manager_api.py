@@ -11,6 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import ConfigurationError, Session, SessionManager, SessionNotFound, Settings
+from tiered_sessions._flusher import Flusher
+
+from .helpers import until
 
 
 async def test_ensure_creates_with_a_random_id_and_returns_the_same_object(manager: SessionManager) -> None:
@@ -205,3 +208,18 @@ async def test_a_closed_manager_refuses_calls_instead_of_reconnecting(settings: 
                  manager.ensure(session.session_id), manager.get_session_metrics()):
         with pytest.raises(ConfigurationError, match="closed"):
             await call
+
+
+async def test_metrics_say_the_flusher_is_not_running_while_it_is_down(settings: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """flusher_running comes from the flusher task, not from the settings: a flusher that died and waits to be
+    restarted is not running."""
+    async def dies(self: object, stop: asyncio.Event) -> None:
+        raise RuntimeError("a flusher bug")
+
+    monkeypatch.setattr(Flusher, "run", dies)
+    async with SessionManager(settings=settings) as manager:
+        await until(lambda: "flusher" in manager.worker.down())
+        assert (await manager.get_session_metrics())["flusher_running"] is False
+    async with SessionManager(settings=settings, run_flusher=False) as idle:
+        assert (await idle.get_session_metrics())["flusher_running"] is False

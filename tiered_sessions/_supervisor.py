@@ -38,6 +38,11 @@ class Supervisor:
             return
         self._tasks[name] = asyncio.get_running_loop().create_task(self._supervise(name, work), name=f"ts-{name}")
 
+    def running(self, name: str) -> bool:
+        """The task ``name`` runs now (started, not ended, not waiting to be restarted)."""
+        task = self._tasks.get(name)
+        return task is not None and not task.done() and name not in self._down
+
     def down(self) -> dict[str, str]:
         """The tasks that died and wait to be restarted, with the error each died of."""
         return dict(self._down)

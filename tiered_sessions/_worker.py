@@ -36,6 +36,9 @@ class Worker:
         """Run ``work`` supervised as ``name`` (unless running already)."""
         self.supervisor.start(name, work)
 
+    def running(self, name: str) -> bool:
+        return self.supervisor.running(name)
+
     def down(self) -> dict[str, str]:
         """The tasks that died and wait to be restarted, with the error each died of."""
         return self.supervisor.down()

@@ -316,7 +316,7 @@ class SessionManager:
             "partitions": self.settings.partitions,
             "backpressure": not self._backpressure.open.is_set(),
             "mode": census.mode,
-            "flusher_running": bool(self.settings.run_flusher and self.flusher is not None and not self._closed),
+            "flusher_running": self.worker.running("flusher"),
         }
 
     async def tier_reading(self) -> TierReading:
