@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions.cold_tier import Refusal
+from tiered_sessions.cold_tier import PostgresSessionStore, Refusal
 
 from .helpers import pg_row, pg_rows
 
@@ -262,3 +262,28 @@ async def test_concurrent_read_throughs_share_one_postgres_query(settings: Setti
     assert [s.data["n"] for s in sessions if s is not None] == list(range(200)) + list(range(50))
     loads = [query for query in queries if "session_id" in query]
     assert len(loads) <= 3, f"{len(loads)} Postgres queries for 250 concurrent misses"
+
+
+async def test_a_cancelled_reader_does_not_fail_the_others_waiting_on_the_same_load(
+        settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers of one cold id share one load. The first reader giving up (a request timed out) must not hand
+    its CancelledError to the readers still waiting."""
+    async with SessionManager(settings=settings) as writer:
+        await writer.ensure("shared-load", data={"n": 1})
+        assert await writer.flush() == 0
+    await redis.flushdb()
+    original = PostgresSessionStore.fetch_many
+
+    async def slow(self: PostgresSessionStore, session_ids: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await original(self, session_ids)
+
+    monkeypatch.setattr(PostgresSessionStore, "fetch_many", slow)
+    async with SessionManager(settings=settings, run_flusher=False) as reader:
+        impatient = asyncio.create_task(reader.get("shared-load"))
+        await asyncio.sleep(0.05)
+        patient = asyncio.create_task(reader.get("shared-load"))
+        await asyncio.sleep(0.05)
+        impatient.cancel()
+        session = await patient
+        assert session is not None and session.data == {"n": 1}

@@ -62,7 +62,7 @@ class RedisBackend:
         self.backpressure = backpressure
         self.dead_letters = DeadLetters(hot)
         self._cold = None if store is None else ColdBatch(store)
-        self._loading: dict[str, asyncio.Future[Loaded]] = {}
+        self._loading: dict[str, asyncio.Task[Loaded]] = {}
         # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
         self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -238,22 +238,18 @@ class RedisBackend:
     async def read_through(self, sid: str) -> Loaded:
         """Load from Postgres into Redis (one loader per id in this process). Returns the hash now in Redis
         if the session is live, else None, and the version any new life must exceed."""
-        pending = self._loading.get(sid)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
-        self._loading[sid] = future
-        try:
-            result = await self._load_cold(sid)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so waiters-less failures are not reported as unhandled
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._loading[sid]
+        # The load is a task of its own that every reader shields: a reader that gives up (a request timed out)
+        # cancels only its own wait, never the load the others wait on.
+        load = self._loading.get(sid)
+        if load is None:
+            load = self._loading[sid] = asyncio.get_running_loop().create_task(self._load_cold(sid))
+            load.add_done_callback(functools.partial(self._loaded, sid))
+        return await asyncio.shield(load)
+
+    def _loaded(self, sid: str, load: asyncio.Task[Loaded]) -> None:
+        del self._loading[sid]
+        if not load.cancelled():
+            load.exception()  # retrieved: a failure every reader gave up on is not reported as unhandled
 
     async def _load_cold(self, sid: str) -> Loaded:
         assert self._cold is not None
