@@ -670,3 +670,29 @@ async def test_a_key_of_the_wrong_type_met_by_a_call_is_quarantined_not_a_500(
         assert len(moved) == 1 and await redis.get(moved[0]) == b"not a session"  # kept for inspection
         (letter,) = await (await manager.dead_letters()).list()
         assert letter.session_id == "planted" and "WRONGTYPE" in letter.reason
+
+
+async def test_a_session_created_while_degraded_fires_created(settings: Settings, paused_redis: RedisServer) -> None:
+    """ensure() of a new id written through to Postgres (Redis unreachable) creates the session: its
+    ``created`` event fires as on Redis; an existing one's does not."""
+    own = _own(settings, paused_redis)
+    created: list[str] = []
+    manager = SessionManager(settings=own, drain_timeout_secs=1)
+
+    @manager.on_created
+    async def record(event: Any) -> None:
+        created.append(event.session_id)
+
+    try:
+        await manager.ensure("before-the-outage")
+        assert await manager.flush() == 0
+        paused_redis.pause()
+        with pytest.raises(RedisUnavailable):
+            await manager.get("before-the-outage")  # trips the breaker
+        assert (await manager.ensure("made-in-postgres", data={"x": 1})).data == {"x": 1}
+        await manager.ensure("before-the-outage")  # exists: no event
+        await until(lambda: "made-in-postgres" in created)
+        assert created == ["before-the-outage", "made-in-postgres"]
+    finally:
+        paused_redis.resume()
+        await manager.close()

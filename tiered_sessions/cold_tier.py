@@ -290,11 +290,13 @@ class PostgresSessionStore:
 
     # -- written through while Redis is unreachable (each statement journals its write) --------------------
     async def create_through(self, session_id: str, data: Mapping[str, Any], metadata: Mapping[str, Any],
-                             attributes: Mapping[str, str | None], timeout_secs: float) -> None:
-        """A new life for a session Postgres does not hold alive (a live one is left as it is)."""
+                             attributes: Mapping[str, str | None], timeout_secs: float) -> bool:
+        """A new life for a session Postgres does not hold alive (a live one is left as it is); True if this
+        call made it."""
         pool = await self.ready_pool()
-        await pool.fetchval(self.sql["degraded_create"], session_id, orjson.dumps(data).decode(),
-                            orjson.dumps(metadata).decode(), *_attribute_args(attributes), timeout_secs)
+        version = await pool.fetchval(self.sql["degraded_create"], session_id, orjson.dumps(data).decode(),
+                                      orjson.dumps(metadata).decode(), *_attribute_args(attributes), timeout_secs)
+        return version is not None
 
     async def touch_through(self, session_id: str, duration_ms: int, timeout_secs: float) -> bool:
         """Count a request of a live session; False if it is not live."""

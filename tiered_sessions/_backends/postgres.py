@@ -28,14 +28,15 @@ class PostgresBackend:
         return record if record is not None and record.is_live(time.time()) else None
 
     async def ensure(self, session_id: str, fresh: bool, new: NewSession) -> tuple[Session, bool]:
+        created = False
         async with self.breaker.writing():
             record = None if fresh else await self._load(session_id)
             if record is None:
-                await self.store.create_through(session_id, new.data, new.metadata, new.attributes,
-                                                self.settings.session_timeout_secs)
+                created = await self.store.create_through(session_id, new.data, new.metadata, new.attributes,
+                                                          self.settings.session_timeout_secs)
                 record = await self._load(session_id)  # created now, or by someone else a moment ago
         assert record is not None
-        return record.to_session(), False
+        return record.to_session(), created
 
     async def get(self, session_id: str) -> Session | None:
         record = await self._load(session_id)
