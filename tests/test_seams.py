@@ -696,3 +696,21 @@ async def test_a_session_created_while_degraded_fires_created(settings: Settings
     finally:
         paused_redis.resume()
         await manager.close()
+
+
+async def test_a_users_sessions_are_listed_from_postgres_while_degraded(settings: Settings,
+                                                                       paused_redis: RedisServer) -> None:
+    own = _own(settings, paused_redis)
+    manager = SessionManager(settings=own, drain_timeout_secs=1)
+    try:
+        for sid in ("alice-1", "alice-2", "bob-1"):
+            await manager.ensure(sid, user_id=sid.split("-")[0])
+        await manager.remove("alice-2")
+        assert await manager.flush() == 0
+        paused_redis.pause()
+        with pytest.raises(RedisUnavailable):
+            await manager.get("alice-1")  # trips the breaker
+        assert [s.session_id for s in await manager.list_user_sessions("alice")] == ["alice-1"]
+    finally:
+        paused_redis.resume()
+        await manager.close()

@@ -76,8 +76,9 @@ class PostgresBackend:
         raise RedisUnavailable("rotate needs Redis, which is unreachable (degraded mode)")
 
     async def user_sessions(self, user_id: str) -> list[Session]:
-        records = [await self._load(sid) for sid in await self.store.user_session_ids(user_id)]
-        return [r.to_session() for r in records if r is not None and r.user_id == user_id]
+        now = time.time()
+        records = (await self.store.fetch_many(await self.store.user_session_ids(user_id))).values()
+        return [r.to_session() for r in records if r.is_live(now) and r.user_id == user_id]
 
     async def census(self) -> Census:
         live = await self.store.count_live()
