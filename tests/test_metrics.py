@@ -330,3 +330,19 @@ def test_cli_help_explains_the_new_options() -> None:
                                 capture_output=True, text=True, env=env, check=True).stdout
     for option in ("--watch", "--interval", "--count", "--json"):
         assert option in stats_help
+
+
+async def test_a_load_visitor_that_dies_ends_the_run_instead_of_vanishing(settings: Settings,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a visitor (anything but a named tier error) must end `tiered-sessions load` with it, not leave
+    it running with fewer visitors and exit 0."""
+    from tiered_sessions._load import Load
+
+    async def broken(self: Load, chance: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(Load, "visit", broken)
+    async with SessionManager(settings=settings) as manager:
+        load = Load(manager, rate=100, sessions=10, concurrency=2)
+        with pytest.raises(RuntimeError, match="visitor died"):
+            await asyncio.wait_for(load.run(asyncio.Event()), 10)

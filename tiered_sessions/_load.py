@@ -42,16 +42,22 @@ class Load:
         self.failures: collections.Counter[str] = collections.Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Visit until ``stop``; a visitor that dies of anything but a named tier error ends the run with it."""
         tasks = [asyncio.create_task(self._visitor(stop, random.Random(index))) for index in range(self.concurrency)]
+        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), _SUMMARY_EVERY_SECS)
+                await asyncio.wait([*tasks, stopping], timeout=_SUMMARY_EVERY_SECS,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        raise RuntimeError("a load visitor died") from task.exception()
                 self._summary()
         finally:
+            stopping.cancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, stopping, return_exceptions=True)
 
     async def _visitor(self, stop: asyncio.Event, chance: random.Random) -> None:
         pause = self.concurrency / self.rate
