@@ -159,3 +159,24 @@ def test_each_subcommand_offers_only_the_options_it_uses() -> None:
             assert option not in shown, (command, option)
     assert "--redis-url" in _cli("flusher", "--help", env=env).stdout
     assert "--database-url" in _cli("migrate", "--help", env=env).stdout
+
+
+async def test_flush_command_flushes_even_where_persistence_is_turned_off_in_the_environment(
+        settings: Settings, pg: asyncpg.Connection) -> None:
+    """TIERED_SESSIONS_ENABLE_PERSISTENCE=false is a daemon's setting: `flush` must still write, not report
+    "everything is in PostgreSQL" having written nothing."""
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        sid = (await manager.ensure(data={"n": 1})).session_id
+    done = _cli("flush", "--json", env={**_env(settings), "TIERED_SESSIONS_ENABLE_PERSISTENCE": "false"})
+    assert done.returncode == 0, done.stderr
+    assert sid in await pg_rows(pg, settings)
+
+
+async def test_dead_letters_replay_of_a_quarantined_key_says_it_was_not_replayed(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        await redis.set((await manager.dead_letters()).hot.keys("planted").session, "not a session")
+        assert await manager.get("planted") is None  # moved aside: a poison dead letter
+    done = _cli("dead-letters", "replay", "planted", env=_env(settings))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "planted" in done.stderr and "not replayed" in done.stderr

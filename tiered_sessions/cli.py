@@ -288,21 +288,31 @@ async def _run_dead_letters(args: argparse.Namespace, console: Console) -> int:
             console.print(table)
             return 0
         chosen = None if args.all else args.session_ids
-        unknown = [] if chosen is None else sorted(set(chosen) - {letter.session_id for letter in await store.list()})
+        stored = {letter.session_id: letter for letter in await store.list()}
+        unknown = [] if chosen is None else sorted(set(chosen) - set(stored))
+        # A quarantined key has no row to replay: named, it is refused (listed, and dropped when inspected).
+        unreplayable = sorted(sid for sid in (stored if chosen is None else set(chosen) & set(stored))
+                              if args.action == "replay" and not stored[sid].row)
         count = await (store.replay(chosen) if args.action == "replay" else store.drop(chosen))
     if args.json:
-        print(json.dumps({args.action: count, "unknown": unknown}))
+        print(json.dumps({args.action: count, "unknown": unknown, "not_replayed": unreplayable}))
     else:
         done = "replayed (dirty again)" if args.action == "replay" else "dropped"
         console.print(f"{count} dead letter(s) {done}")
+    errors = Console(stderr=True)
     for session_id in unknown:
-        Console(stderr=True).print(f"no dead letter for {session_id}", markup=False, highlight=False)
-    return 1 if unknown else 0
+        errors.print(f"no dead letter for {session_id}", markup=False, highlight=False)
+    for session_id in unreplayable:
+        errors.print(f"{session_id} not replayed: a quarantined key, not a row (inspect it, then drop it)",
+                     markup=False, highlight=False)
+    return 1 if unknown or unreplayable else 0
 
 
 async def _run_flush(args: argparse.Namespace, console: Console) -> int:
     overrides = {} if args.drain_timeout is None else {"drain_timeout_secs": args.drain_timeout}
-    async with SessionManager(settings=_settings(args, run_flusher=False, **overrides)) as manager:
+    # Persistence on whatever the environment says: it is what this command is for.
+    async with SessionManager(settings=_settings(args, enable_persistence=True, run_flusher=False,
+                                                 **overrides)) as manager:
         left = await manager.flush()
     if args.json:
         print(json.dumps({"left": left}))
