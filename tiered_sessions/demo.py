@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from .config import Settings, redact_url
 from .manager import SessionManager
 from .migrate import migrate
 
+log = logging.getLogger(__name__)
 DEMO_TABLE = "tiered_sessions_demo"
 DEMO_KEY_PREFIX = "tsdemo"
 
@@ -93,8 +95,14 @@ async def run_demo(args: argparse.Namespace, console: Console,
         await migrate(settings)
         try:
             summary = await _workload(settings, args, out, make_progress, quiet)
-        finally:
-            await _clean_up(settings)
+        except BaseException:
+            # The workload's failure is the one to report: a cleanup failing too (servers down) is logged.
+            try:
+                await _clean_up(settings)
+            except Exception:  # logged; the workload's error is the one that propagates
+                log.exception("the demo could not clean up after its failure")
+            raise
+        await _clean_up(settings)
         summary["redis"] = redact_url(settings.redis_url)
         summary["postgres"] = redact_url(settings.database_url)
     if args.json:
