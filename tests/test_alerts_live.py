@@ -38,7 +38,7 @@ from tiered_sessions.embedded._lifecycle import free_port
 from tiered_sessions.migrate import migrate
 from tiered_sessions.model import REMOVED
 
-from .ops_helpers import DEPLOY, env_for, flusher, get, get_json, prometheus, promtool, run
+from .ops_helpers import DEPLOY, Flusher, env_for, flusher, get, get_json, prometheus, promtool, run
 
 # Seconds of the rules' clock per wall second. Bounded above by what the processes do in real time: the flusher
 # retries a failing pass at least every MAX_BACKOFF_SECS (plus jitter), and the counter windows of the alerts in
@@ -356,7 +356,7 @@ async def test_a_postgres_outage_fires_the_flush_alerts_and_they_resolve(
         timeline = Timeline()
         watcher = asyncio.create_task(_watch(port, timeline))
         try:
-            await _outage_and_back(port, timeline, own_postgres)
+            await _outage_and_back(port, timeline, own_postgres, load)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -364,7 +364,7 @@ async def test_a_postgres_outage_fires_the_flush_alerts_and_they_resolve(
     await _every_acknowledged_session_is_in_postgres(settings)
 
 
-async def _outage_and_back(port: int, timeline: Timeline, postgres: PostgresServer) -> None:
+async def _outage_and_back(port: int, timeline: Timeline, postgres: PostgresServer, load: Flusher) -> None:
     deadline = time.monotonic() + 30
     while not ((up := await _query(port, "up")) and len(up) == 2 and all(s["value"][1] == "1" for s in up)):
         assert time.monotonic() < deadline, f"prometheus does not scrape both targets:\n{timeline}"
@@ -381,6 +381,7 @@ async def _outage_and_back(port: int, timeline: Timeline, postgres: PostgresServ
     dirty = await _query(port, "tiered_sessions:dirty_sessions:sum")
     waiting = int(float(dirty[0]["value"][1])) if dirty else 0
     timeline.mark(f"every outage alert firing; {waiting} sessions wait for PostgreSQL")
+    assert load.process.returncode is None, "the load ended during the outage:\n" + "".join(load.log[-30:])
     assert waiting >= 20, f"the load wrote too little during the outage:\n{timeline}"
 
     await asyncio.to_thread(postgres.start)

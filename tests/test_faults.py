@@ -121,6 +121,46 @@ async def test_postgres_down_under_write_load(redis_url: str, own_postgres: Post
         assert counts[sid] == acked[sid], sid
 
 
+async def test_reads_in_flight_while_postgres_shuts_down_raise_only_named_errors(
+        redis_url: str, own_postgres: PostgresServer) -> None:
+    """Read-throughs (misses, ensure of a caller's id) in flight while PostgreSQL shuts down fail with
+    PostgresUnavailable, never a driver error: a pooled connection whose server just said "terminating" can be
+    handed out before its socket closes, and asyncpg then raises InternalClientError (MagicStack/asyncpg#784)."""
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix="pgstop",
+                        max_concurrent_sessions=None, socket_timeout_secs=2, drain_timeout_secs=1)
+    await migrate(settings)
+    unnamed: Counter[str] = Counter()
+    named = 0
+
+    async def reader(manager: SessionManager, task: int, stop: asyncio.Event) -> None:
+        nonlocal named
+        call = 0
+        while not stop.is_set():
+            call += 1
+            try:
+                if call % 2:
+                    await manager.get(f"miss-{task}-{call}")
+                else:
+                    await manager.ensure(f"new-{task}-{call}")
+            except BackendUnavailable:
+                named += 1
+            except Exception as exc:  # noqa: BLE001 - what the test is about
+                unnamed[type(exc).__name__] += 1
+
+    for attempt in range(6):  # the window is a few milliseconds: several stops, each at another moment
+        async with SessionManager(settings=settings) as manager:
+            stop = asyncio.Event()
+            readers = [asyncio.create_task(reader(manager, task, stop)) for task in range(16)]
+            await asyncio.sleep(0.3 + 0.05 * attempt)
+            await asyncio.to_thread(own_postgres.stop)
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*readers)
+            own_postgres.start()
+    assert named > 0, "the readers never met the outage"
+    assert not unnamed, f"driver errors escaped the manager: {dict(unnamed)}"
+
+
 async def test_redis_restarted_cold_serves_everything_flushed(own_redis: RedisServer, settings: Settings,
                                                              pg: asyncpg.Connection) -> None:
     settings = Settings(**{**{f: getattr(settings, f) for f in ("database_url", "schema", "key_prefix")},

@@ -34,6 +34,9 @@ POSTGRES_TRANSIENT: Failures = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.QueryCanceledError,  # statement_timeout on a busy server
+    # A pooled connection whose server just said "terminating" can be handed out before its socket closes; its
+    # next statement then fails with "cannot switch to state" (MagicStack/asyncpg#784). The pool replaces it.
+    asyncpg.InternalClientError,
 )
 # The server does not answer (yet): a start during an outage waits for it. Anything else it said (TLS refused,
 # authentication, no such database) is a configuration to fix.
