@@ -132,6 +132,10 @@ MUTANTS = (
            "            pipe.zcard(self.dirty_key(p))\n"
            "        return sum(int(count) for count in await pipe.execute())",
            ("tests/test_seams.py::test_a_connection_closed_under_a_background_read_is_a_connection_error",)),
+    Mutant("touch-undeclared-keys", "on a cluster a touch meets ASK/TRYAGAIN before it writes, never fails midway",
+           "tiered_sessions/_hot_tier.py", "                          if self.cluster else None)",
+           "                          if False else None)",
+           ("tests/test_cluster.py::test_a_slot_moved_to_another_master_under_load_is_followed",)),
     Mutant("touch-revives-expired", "update_activity on an expired session still in Redis returns False",
            "tiered_sessions/lua/touch.lua", "if state_and_expiry[1] ~= 'a' or old_expiry <= now then return -1 end",
            "if state_and_expiry[1] ~= 'a' then return -1 end", ("tests/test_promises.py",)),

@@ -242,3 +242,89 @@ async def test_a_connection_closed_under_a_call_is_a_named_error_and_the_manager
         else:
             raise AssertionError("the manager did not leave degraded mode")
         assert await manager.update_activity("raced") is True
+
+
+def _migrate_slot(cluster: LocalCluster, slot: int, batch: int = 5, pause: float = 0.02) -> tuple[int, int]:
+    """Move ``slot`` to another master the way ``redis-cli --cluster reshard`` does (IMPORTING/MIGRATING, MIGRATE
+    a few keys at a time, then SETSLOT NODE on every master): calls meanwhile meet ASK, then MOVED. Returns the
+    ports of the old and the new owner."""
+    primaries = cluster.primaries()
+    ids = {}
+    for node in primaries:
+        with cluster.client(node) as client:
+            ids[node.port] = client.execute_command("CLUSTER", "MYID")
+    with cluster.client(primaries[0]) as client:
+        slots = client.execute_command("CLUSTER", "SLOTS")
+    source_port = next(int(entry[2][1]) for entry in slots if entry[0] <= slot <= entry[1])
+    source = next(node for node in primaries if node.port == source_port)
+    target = next(node for node in primaries if node.port != source_port)
+    source_id, target_id = ids[source.port], ids[target.port]
+    with cluster.client(source) as src, cluster.client(target) as dst:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            time.sleep(pause)  # calls meanwhile meet ASK (or TRYAGAIN: a script's keys on both sides)
+        for node in primaries:
+            with cluster.client(node) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return source.port, target.port
+
+
+async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: LocalCluster,
+                                                                     cluster_settings: Settings,
+                                                                     pg: asyncpg.Connection) -> None:
+    """A resharding under load: calls that meet ASK or MOVED are sent again where the slot now lives (they did
+    not run where they were refused), calls that fail are not acknowledged, and every acknowledged touch is
+    counted once."""
+    from redis.crc import key_slot
+
+    from tiered_sessions._codec import partition_of
+
+    partitions = cluster_settings.partitions
+    ids = [sid for sid in (f"m-{i}" for i in range(2000)) if partition_of(sid, partitions) == 0][:40]
+    slot = key_slot(f"{cluster_settings.key_prefix}:{{p0}}:".encode())
+    acked: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def load(manager: SessionManager) -> None:
+        while not stop.is_set():
+            sid = random.choice(ids)
+            try:
+                if await manager.update_activity(sid, request_duration_ms=1):
+                    acked[sid] += 1
+            except BackendUnavailable as exc:  # TRYAGAIN while a script's keys are on both sides
+                failed[type(exc).__name__] += 1
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
+
+    async with SessionManager(settings=cluster_settings, redis_probe_interval_secs=0.1) as manager:
+        for sid in ids:
+            await manager.ensure(sid)
+        tasks = [asyncio.create_task(load(manager)) for _ in range(16)]
+        await asyncio.sleep(0.3)
+        before = sum(acked.values())
+        source, target = await asyncio.to_thread(_migrate_slot, cluster, slot)
+        during = sum(acked.values()) - before
+        await asyncio.sleep(0.5)  # the load goes on against the new owner: MOVED, then the new map
+        stop.set()
+        await asyncio.gather(*tasks)
+        for _attempt in range(100):  # a TRYAGAIN may have tripped degraded mode: its probe ends it
+            if (await manager.get_session_metrics())["mode"] == "normal":
+                break
+            await asyncio.sleep(0.05)
+        assert (await manager.get_session_metrics())["mode"] == "normal"
+        for sid in ids:
+            assert await manager.update_activity(sid)
+            acked[sid] += 1
+        assert await manager.flush() == 0
+        with cluster.client(next(n for n in cluster.nodes if n.port == target)) as client:
+            assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= len(ids)
+        rows = await pg_rows(pg, cluster_settings)
+        for sid in ids:
+            session = await manager.get(sid)
+            assert session is not None and session.request_count == acked[sid], sid
+            assert rows[sid]["request_count"] == acked[sid], sid
+    print(f"resharding: slot {slot} {source}->{target}; {sum(acked.values())} acknowledged ({during} while "
+          f"moving), failed: {dict(failed)}")

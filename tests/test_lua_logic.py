@@ -50,7 +50,7 @@ async def _create(fake: fakeredis.FakeAsyncRedis) -> None:
 
 async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2000, 5]) == [[2, 1, 5, T + 2000]]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", "0", T + 2000, 5]) == [[2, 1, 5, T + 2000]]
     # The flusher wrote version 1, but version 2 is in Redis: the mark stays, re-scored to the read time.
     assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 1500, "?", "a", 1, "1"]) == 0
     assert await fake.zscore(KEYS[1], "a") == T + 1500
@@ -62,9 +62,23 @@ async def test_ack_clears_only_the_version_it_wrote(fake: fakeredis.FakeAsyncRed
 
 async def test_touch_replies_the_version_unless_counters_are_asked_for(fake: fakeredis.FakeAsyncRedis) -> None:
     await _create(fake)
-    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 2000, 5]) == [2]
-    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "1", T + 2001, 7]) == [[3, 2, 12, T + 2001]]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", "0", T + 2000, 5]) == [2]
+    assert await _run(TOUCH, fake, KEYS[:1],
+                      [60_000, "1", BUCKET, "0", "1", "0", T + 2001, 7]) == [[3, 2, 12, T + 2001]]
     assert await fake.hmget(KEYS[0], ["la", "ex"]) == [str(T + 2001).encode(), str(T + 62_001).encode()]
+
+
+async def test_touch_writes_the_declared_dirty_index_and_live_counts(fake: fakeredis.FakeAsyncRedis) -> None:
+    """On a cluster the partition's dirty index and live counts come declared after the sessions' keys (Redis
+    checks declared keys before a script runs); the touch writes those, not keys built from the session's."""
+    await _create(fake)
+    await fake.delete(KEYS[1])
+    declared = ["ts:{p0}:dirty-declared", "ts:{p0}:expiring-declared"]
+    assert await _run(TOUCH, fake, [KEYS[0], *declared], [60_000, "1", BUCKET, "0", "0", "1", T + 2000, 5]) == [2]
+    assert await fake.zscore(declared[0], "a") == T + 2000
+    assert await fake.zscore(KEYS[1], "a") is None
+    assert int(await fake.hget(declared[1], "n") or 0) == 0  # moved between buckets: counted, net zero
+    assert len(await fake.hgetall(declared[1])) == 2  # -1 in the old bucket, +1 in the new one
 
 
 async def test_one_ack_clears_more_entries_than_one_zrem_takes(fake: fakeredis.FakeAsyncRedis) -> None:
@@ -82,7 +96,7 @@ async def test_tombstone_versions_climb_and_linger_after_ack(fake: fakeredis.Fak
     await _create(fake)
     assert await _run(REMOVE, fake, KEYS, [T + 3000, "a", "1", "0", 0, BUCKET]) == 2
     assert await _run(REMOVE, fake, KEYS, [T + 3001, "a", "1", "0", 0, BUCKET]) == -1  # already a tombstone
-    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", T + 3002, 5]) == [-1]
+    assert await _run(TOUCH, fake, KEYS[:1], [60_000, "1", BUCKET, "0", "0", "0", T + 3002, 5]) == [-1]
     assert await _run(ACK, fake, ACK_KEYS, ["ts:{p0}:s:", 600_000, T + 3500, "?", "a", 2, "1"]) == 1
     assert 0 < await fake.pttl(KEYS[0]) <= 600_000
     # A new life starts above the tombstone, even when Postgres says an older version.
@@ -127,7 +141,7 @@ async def test_live_counts_follow_creates_slides_removes_and_expiry(fake: fakere
         assert (await _run(ENSURE, fake, keys(sid), [T, 10_000, sid, "1", "0", 0, 0, 0, BUCKET]))[0] == 2
     assert await count(T) == 3
     # "a" slides its expiry into a later bucket: still one session
-    await _run(TOUCH, fake, keys("a")[:1], [10_000, "1", BUCKET, "0", "0", T + 5_000, 0])
+    await _run(TOUCH, fake, keys("a")[:1], [10_000, "1", BUCKET, "0", "0", "0", T + 5_000, 0])
     assert await count(T + 5_000) == 3
     assert await _run(REMOVE, fake, keys("b"), [T + 5_001, "b", "1", "0", 0, BUCKET]) == 2
     assert await count(T + 5_001) == 2

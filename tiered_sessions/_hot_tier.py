@@ -68,12 +68,16 @@ class HotTier(KeySpace):
         self.bucket_ms = max(1, self.timeout_ms // 64)
         # touch.lua's shared ARGV: plain touches (reply: the version), touches whose caller holds a Session
         # (reply: the counters too), journal replays
-        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0")
-        self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1")
-        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0")
-        self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
-        # On a cluster every script touches one slot: the session limit is counted before the script instead.
+        # On a cluster every script touches one slot: the session limit is counted before the script instead,
+        # and touch.lua gets its partition's dirty index and live counts declared (see its header).
         self.cluster = isinstance(client, RedisCluster)
+        self._declared = ([(self.dirty_key(p), self.counts_key(p)) for p in range(self.partitions)]
+                          if self.cluster else None)
+        declared = "1" if self._declared else "0"
+        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0", declared)
+        self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1", declared)
+        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0", declared)
+        self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
 
     async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:
         """Record ``layout`` unless a process did (layout.lua); returns the layout as recorded."""
@@ -97,11 +101,12 @@ class HotTier(KeySpace):
         partition = partition_of(session_id, self.partitions)
         session = (self._partition_keys[partition][0] + session_id,)
         slot = partition if self.cluster else None
+        declared = self._declared[partition] if self._declared else ()
         if journal_version is None:
             shared = self._counters_shared if counters else self._touch_shared
-            return self.pipeline.combined(_scripts.TOUCH, shared, session, (duration_ms,), slot)
+            return self.pipeline.combined(_scripts.TOUCH, shared, session, (duration_ms,), slot, declared)
         return self.pipeline.combined(_scripts.TOUCH, self._replay_shared, session, (duration_ms, journal_version),
-                                      slot)
+                                      slot, declared)
 
     async def ensure(self, session_id: str, now_ms: int, *, check_cold: bool, min_version: int,
                      max_sessions: int | None, size: int, pairs: Sequence[bytes | str]) -> Reply:

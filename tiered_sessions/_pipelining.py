@@ -50,23 +50,29 @@ class _Combined:
 
     script: LuaScript
     shared: tuple[Any, ...]
+    declared: tuple[str, ...] = ()  # keys every call of the group touches, declared after the calls' own
     keys: list[Any] = dataclasses.field(default_factory=list)
     args: list[Any] = dataclasses.field(default_factory=list)
     futures: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
 
     def call(self) -> _Call:
-        return (("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.shared, now_ms(), *self.args),
-                self.script, self.futures)
+        return (_combined_args(self.script, self.shared, self.declared, self.keys, self.args), self.script,
+                self.futures)
 
     def halves(self) -> list[_Combined]:
         count = len(self.futures)
         if count < 2:
             return [self]
         keys, args, middle = len(self.keys) // count, len(self.args) // count, count // 2
-        return [_Combined(self.script, self.shared, self.keys[:middle * keys], self.args[:middle * args],
-                          self.futures[:middle]),
-                _Combined(self.script, self.shared, self.keys[middle * keys:], self.args[middle * args:],
-                          self.futures[middle:])]
+        return [_Combined(self.script, self.shared, self.declared, self.keys[:middle * keys],
+                          self.args[:middle * args], self.futures[:middle]),
+                _Combined(self.script, self.shared, self.declared, self.keys[middle * keys:],
+                          self.args[middle * args:], self.futures[middle:])]
+
+
+def _combined_args(script: LuaScript, shared: tuple[Any, ...], declared: tuple[str, ...], keys: Sequence[Any],
+                   args: Sequence[Any]) -> tuple[Any, ...]:
+    return ("EVALSHA", script.sha, len(keys) + len(declared), *keys, *declared, *shared, now_ms(), *args)
 
 
 class AutoPipeline:
@@ -88,21 +94,21 @@ class AutoPipeline:
         return self._call(args, None)
 
     def combined(self, script: LuaScript, shared: tuple[Any, ...], keys: Sequence[Any], args: Sequence[Any],
-                 slot: int | None = None) -> Awaitable[Any]:
+                 slot: int | None = None, declared: tuple[str, ...] = ()) -> Awaitable[Any]:
         """One call of a script written to take many: its ARGV is ``shared``, then the time the calls are sent
         (Unix ms: they share it), then each call's ``args`` (a fixed number per call), its KEYS each call's
-        ``keys``, and it replies with a list, one reply per call. Calls made in the same loop turn with the
-        same script, shared args and ``slot`` (a cluster slot's stand-in; None on one Redis) go as one script
-        call, so Redis pays its per-script cost once for all."""
+        ``keys``, then ``declared`` (keys of the slot every call touches), and it replies with a list, one
+        reply per call. Calls made in the same loop turn with the same script, shared args and ``slot`` (a
+        cluster slot's stand-in, which decides ``declared``; None on one Redis) go as one script call, so
+        Redis pays its per-script cost once for all."""
         if self._quiet:
-            return self._direct_combined(("EVALSHA", script.sha, len(keys), *keys, *shared, now_ms(), *args),
-                                         script)
+            return self._direct_combined(_combined_args(script, shared, declared, keys, args), script)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         group_key = (script.sha, shared, slot)
         group = self._combining.get(group_key)
         if group is None:
-            group = self._combining[group_key] = _Combined(script, shared)
+            group = self._combining[group_key] = _Combined(script, shared, declared)
         group.keys += keys
         group.args += args
         group.futures.append(future)
