@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -216,22 +217,35 @@ async def test_a_connection_closed_under_a_call_is_a_named_error_and_the_manager
         cluster_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """redis-py's cluster client closes every node connection when it re-maps the cluster, under concurrent
     calls, which then fail with AttributeError on the dead transport (reproduced with the raw client: 64 tasks of
-    pipelines on a fresh RedisCluster, a master SIGKILLed, about one run in four). Such a call raises
-    RedisUnavailable, degraded mode takes over, and the manager is back on Redis by itself."""
+    pipelines on a fresh RedisCluster, a master SIGKILLed, about one run in four). The hot path has its own
+    connections, but calls go through redis-py's client when a master cannot be reached (it re-maps the
+    cluster). Such a call raises RedisUnavailable, degraded mode takes over, and the manager is back on Redis by
+    itself."""
     from redis.asyncio.cluster import ClusterPipeline
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
-    real_execute = ClusterPipeline.execute
+    from tiered_sessions._cluster_lanes import ClusterLanes
+
+    real_execute, real_connection = ClusterPipeline.execute, ClusterLanes.connection
     broken = [AttributeError("'NoneType' object has no attribute 'writelines'")]
+    unreachable = [RedisConnectionError("Connection refused")]
 
     async def execute_closed_once(self: ClusterPipeline, *args: object, **kwargs: object) -> list[object]:
         if broken:
             raise broken.pop()
         return await real_execute(self, *args, **kwargs)  # type: ignore[arg-type]
 
+    async def unreachable_once(self: ClusterLanes, *args: Any) -> Any:
+        if unreachable:
+            raise unreachable.pop()
+        return await real_connection(self, *args)
+
     async with SessionManager(settings=cluster_settings, redis_probe_interval_secs=0.1) as manager:
         await manager.ensure("raced")
         assert await manager.flush() == 0
         monkeypatch.setattr(ClusterPipeline, "execute", execute_closed_once)
+        monkeypatch.setattr(ClusterLanes, "connection", unreachable_once)
+        await manager._tiers.hot.pipeline.aclose()  # type: ignore[union-attr]  # the next call connects afresh
         with pytest.raises(BackendUnavailable, match="closed this call's connection"):
             await manager.update_activity("raced")
         assert (await manager.get_session_metrics())["mode"] == "degraded"

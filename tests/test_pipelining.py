@@ -13,8 +13,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tiered_sessions import SessionManager, Settings
-from tiered_sessions._pipelined_connection import OnReplies, PipelinedConnection
-from tiered_sessions._pipelining import AutoPipeline, pack
+from tiered_sessions._pipelined_connection import OnReplies, PipelinedConnection, pack
+from tiered_sessions._pipelining import AutoPipeline
 
 from .conftest import skip_outside_ci
 

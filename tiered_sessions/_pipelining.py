@@ -9,9 +9,10 @@ round trips, so that Redis runs one while this process handles the other's repli
 A script written to take many calls at once (``combined``; update_activity's touch.lua) goes as one script
 call per turn: Redis's per-script cost, larger than a touch's own work, is then paid once per turn.
 
-On one Redis, the pipeline holds two connections (one per round trip in flight; more batches queue behind
+The pipeline holds two connections to each Redis (one per round trip in flight; more batches queue behind
 them on the same connection) and reads their replies itself (``PipelinedConnection``): a round trip costs one
-write and one read callback, with no task, checkout or stream read on the way.
+write and one read callback, with no task, checkout or stream read on the way. On a cluster, a loop turn's
+calls go to each master in its own round trips (``ClusterLanes``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
-from hiredis import pack_command
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._cluster_lanes import REDIRECTED, ClusterLanes
 from ._codec import now_ms
-from ._pipelined_connection import PipelinedConnection
+from ._pipelined_connection import PipelinedConnection, pack
 from ._redis_client import RedisClient, executed
 from ._scripts import LuaScript
 
@@ -85,6 +85,11 @@ class AutoPipeline:
         self._in_flight = 0  # round trips under way
         self._lanes: list[PipelinedConnection | None] = [None] * LANES  # one Redis only
         self._opening = asyncio.Lock()
+        self._cluster = ClusterLanes(client, timeout) if isinstance(client, RedisCluster) else None
+        # Replies of calls that did not run, and run again: NOSCRIPT (after loading the scripts), and on a
+        # cluster a redirection
+        self._not_run: tuple[type[Exception], ...] = (NoScriptError, *REDIRECTED) if self._cluster else \
+            (NoScriptError,)
         self._combining: dict[tuple[str, tuple[Any, ...], int | None], _Combined] = {}
 
     def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
@@ -172,41 +177,57 @@ class AutoPipeline:
                 for lane, half in zip(lanes, group.halves(), strict=False):
                     lane.append(half.call())
         for index, lane in enumerate(lanes):
-            connection = self._lanes[index]
-            for start in range(0, len(lane), self.max_batch):  # an empty lane sends nothing
-                batch = lane[start:start + self.max_batch]
-                if connection is not None and connection.usable:
-                    # The common case: written now, replies handled by the read callback (_replied)
-                    self._in_flight += 1
-                    connection.send(b"".join([pack(args) for args, _, _ in batch]), len(batch),
-                                    functools.partial(self._replied, batch))
-                else:  # a cluster, or the connection is to be opened first
-                    task = asyncio.ensure_future(self._send(batch, index))
-                    task.add_done_callback(_report_unexpected)
+            for connection, calls_there in self._by_connection(lane, index):
+                for start in range(0, len(calls_there), self.max_batch):  # an empty lane sends nothing
+                    batch = calls_there[start:start + self.max_batch]
+                    if connection is not None and connection.usable:
+                        # The common case: written now, replies handled by the read callback (_replied)
+                        self._in_flight += 1
+                        connection.send(b"".join([pack(args) for args, _, _ in batch]), len(batch),
+                                        functools.partial(self._replied, batch))
+                    else:  # the connection is to be opened first, or a cluster's slot is not mapped yet
+                        task = asyncio.ensure_future(self._send(batch, index))
+                        task.add_done_callback(_report_unexpected)
+
+    def _by_connection(self, calls: list[_Call], lane: int) -> list[tuple[PipelinedConnection | None, list[_Call]]]:
+        """The lane's calls by the connection they go out on: on one Redis, all on the lane's; on a cluster, each
+        master's on the lane's connection to it (None: to be opened, or the slot is not mapped yet)."""
+        if self._cluster is None:
+            return [(self._lanes[lane], calls)]
+        cluster = self._cluster
+        return [(None if master is None else cluster.ready(master, lane), [calls[i] for i in indices])
+                for master, indices in cluster.route([args for args, _, _ in calls]).items()]
 
     def _replied(self, batch: list[_Call], replies: list[Any] | Exception) -> None:
         self._in_flight -= 1
-        if not isinstance(replies, Exception) and any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis lost its scripts (a restart, SCRIPT FLUSH): load them and run those calls again, off this
-            # read callback
+        if not isinstance(replies, Exception) and any(isinstance(reply, self._not_run) for reply in replies):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH), or a cluster's slot lives elsewhere now: run
+            # those calls again (loading the scripts first), off this read callback
             task = asyncio.ensure_future(self._send(batch, 0, replies))
             task.add_done_callback(_report_unexpected)
             return
         _deliver_replies(batch, replies)
 
     async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], lane: int = 0) -> list[Any]:
-        """Send ``(command args, script)`` calls now, in one round trip; error replies come back as
-        exceptions in the list. A NOSCRIPT reply (Redis restarted or flushed) loads the script and reruns
-        only those calls: NOSCRIPT means they did not run, so running them now is their first run."""
-        return await self._rerun_unloaded(calls, await self._execute([args for args, _ in calls], lane), lane)
+        """Send ``(command args, script)`` calls now, in one round trip (per master on a cluster); error replies
+        come back as exceptions in the list. Calls answered NOSCRIPT (Redis restarted or flushed: the scripts
+        are loaded first) or, on a cluster, MOVED, ASK or TRYAGAIN run again: such a reply means they did not
+        run, so running them now is their first run."""
+        return await self._rerun(calls, await self._execute([args for args, _ in calls], lane), lane)
 
-    async def _rerun_unloaded(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], results: list[Any],
-                              lane: int) -> list[Any]:
-        retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if retry:
-            await self.load_scripts({script.sha: script for i in retry if (script := calls[i][1]) is not None}
-                                    .values())
-            again = await self._execute([calls[i][0] for i in retry], lane)
+    async def _rerun(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], results: list[Any],
+                     lane: int) -> list[Any]:
+        for _attempt in range(2):  # a call redirected to a master that lacks the script comes back NOSCRIPT
+            retry = [i for i, result in enumerate(results) if isinstance(result, self._not_run)]
+            if not retry:
+                break
+            if any(isinstance(results[i], NoScriptError) for i in retry):
+                await self.load_scripts({script.sha: script for i in retry if (script := calls[i][1]) is not None}
+                                        .values())
+            commands = [calls[i][0] for i in retry]
+            # On a cluster through redis-py, which follows the redirection and re-maps the slots
+            again = await (self._cluster.via_redis_py(commands) if self._cluster is not None
+                           else self._execute(commands, lane))
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
         return results
@@ -240,7 +261,7 @@ class AutoPipeline:
         calls = [(args, script) for args, script, _ in batch]
         try:
             results: list[Any] | Exception = await (self.run(calls, lane) if replies is None else
-                                                    self._rerun_unloaded(calls, replies, lane))
+                                                    self._rerun(calls, replies, lane))
         except asyncio.CancelledError:
             for _, _, target in batch:
                 for future in _callers(target):
@@ -255,11 +276,11 @@ class AutoPipeline:
     async def _execute(self, commands: list[tuple[Any, ...]], lane: int = 0) -> list[Any]:
         """Send the commands in one write and wait for every reply; error replies come back as exceptions.
 
-        Replies are raw (no redis-py response callbacks): HGETALL gives a flat list; on a cluster, redis-py's
-        callbacks apply (HGETALL gives a dict).
+        Replies are raw (no redis-py response callbacks): HGETALL gives a flat list (a dict on RESP3, or where
+        a cluster's call went through redis-py).
         """
-        if isinstance(self.client, RedisCluster):
-            return await self._execute_cluster(self.client, commands)
+        if self._cluster is not None:
+            return await self._cluster.execute(commands, lane)
         connection = await self._connection(lane)
         return await connection.request(b"".join([pack(args) for args in commands]), len(commands))
 
@@ -294,56 +315,17 @@ class AutoPipeline:
 
     async def aclose(self) -> None:
         """Close this pipeline's connections and give them back to the pool (before the client closes it)."""
-        if isinstance(self.client, RedisCluster):
+        if self._cluster is not None:
+            await self._cluster.aclose()
             return
+        assert not isinstance(self.client, RedisCluster)
         lanes, self._lanes = self._lanes, [None] * LANES
         for connection in lanes:
             if connection is not None:
                 await connection.release()
                 await self.client.connection_pool.release(connection.connection)
 
-    async def _execute_cluster(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """On a cluster: redis-py's cluster pipeline sends each node its commands (one round trip per node, in
-        parallel) and reruns those answered MOVED/ASK (a failover, a resharding) against the right node."""
-        pipe = client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await executed(pipe.execute(raise_on_error=False))
-        except TimeoutError:
-            raise RedisTimeoutError(f"no reply from the Redis Cluster within {self.timeout}s") from None
 
-
-def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP, by hiredis's C packer (twice as fast as ``_pack_python``, the same bytes);
-    ``_pack_python`` takes the arguments hiredis refuses (bytearray)."""
-    try:
-        packed: bytes = pack_command(args)
-    except TypeError:
-        return _pack_python(args)
-    return packed
-
-
-def _pack_python(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP. Leaner than redis-py's generic packer, which was a third of the hot path's CPU."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        kind = type(arg)
-        if kind is str:
-            value = arg.encode()
-        elif kind is int:
-            value = b"%d" % arg
-        elif kind is bytes:
-            value = arg
-        elif isinstance(arg, bytes | bytearray | memoryview):
-            value = bytes(arg)
-        elif isinstance(arg, int | float):
-            value = repr(arg).encode()
-        else:
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
-    return b"".join(parts)
 
 
 def _deliver_replies(batch: list[_Call], results: list[Any] | Exception) -> None:
