@@ -81,6 +81,20 @@ async def test_touch_writes_the_declared_dirty_index_and_live_counts(fake: faker
     assert len(await fake.hgetall(declared[1])) == 2  # -1 in the old bucket, +1 in the new one
 
 
+async def test_touch_of_several_slots_takes_the_keys_from_argv(fake: fakeredis.FakeAsyncRedis) -> None:
+    """Layout "2" (several slots of one cluster master): no KEYS, the sessions' keys after the time; each touch
+    writes its own partition's dirty index."""
+    await _create(fake)
+    other = ["ts:{p1}:s:b", "ts:{p1}:dirty", "ts:{p1}:expiring"]
+    reply = await _run(ENSURE, fake, other, [T + 1000, 60_000, "b", "1", "0", 0, 0, 0, BUCKET])
+    assert reply[0] == 2
+    await fake.delete(KEYS[1], other[1])
+    touched = await _run(TOUCH, fake, [], [60_000, "1", BUCKET, "0", "0", "2", T + 2000, 2, KEYS[0], other[0], 5, 7])
+    assert touched == [2, 2]
+    assert await fake.zscore(KEYS[1], "a") == T + 2000 and await fake.zscore(other[1], "b") == T + 2000
+    assert await fake.hmget(other[0], ["rc", "td"]) == [b"1", b"7"]
+
+
 async def test_one_ack_clears_more_entries_than_one_zrem_takes(fake: fakeredis.FakeAsyncRedis) -> None:
     ids = [f"s{i}" for i in range(1203)]  # the script removes them 500 at a time
     for sid in ids:

@@ -34,11 +34,10 @@ log = logging.getLogger(__name__)
 REDIRECTED: Final = (MovedError, AskError, TryAgainError)
 
 
-def slot_of(command: tuple[Any, ...]) -> int:
-    """The slot of a command's first key: EVALSHA's after the key count, any other's first argument (every
-    command the pipeline sends names a key; each script's keys share one slot)."""
-    key = command[3] if command[0] == "EVALSHA" else command[1]
-    return key_slot(key.encode() if isinstance(key, str) else bytes(key))
+def first_key(command: tuple[Any, ...]) -> str | bytes:
+    """A command's first key: EVALSHA's after the key count, any other's first argument (every command the
+    pipeline sends names a key; a script call's keys are of one slot, or given apart, see _combining)."""
+    return command[3] if command[0] == "EVALSHA" else command[1]  # type: ignore[no-any-return]
 
 
 class ClusterLanes:
@@ -48,16 +47,16 @@ class ClusterLanes:
         self._connections: dict[tuple[str, int], PipelinedConnection] = {}
         self._opening = asyncio.Lock()
 
-    def master_of(self, command: tuple[Any, ...]) -> ClusterNode | None:
-        """The master that owns the command's slot, as redis-py last mapped it (None: not mapped yet)."""
-        nodes = self.client.nodes_manager.slots_cache.get(slot_of(command))
+    def master_of(self, key: str | bytes) -> ClusterNode | None:
+        """The master that owns the key's slot, as redis-py last mapped it (None: not mapped yet)."""
+        nodes = self.client.nodes_manager.slots_cache.get(key_slot(key.encode() if isinstance(key, str) else key))
         return nodes[0] if nodes else None
 
-    def route(self, commands: Sequence[tuple[Any, ...]]) -> dict[ClusterNode | None, list[int]]:
-        """The commands' indices by the master they go to."""
+    def route(self, keys: Sequence[str | bytes]) -> dict[ClusterNode | None, list[int]]:
+        """The indices of the calls whose (first) keys these are, by the master they go to."""
         by_master: dict[ClusterNode | None, list[int]] = {}
-        for index, command in enumerate(commands):
-            by_master.setdefault(self.master_of(command), []).append(index)
+        for index, key in enumerate(keys):
+            by_master.setdefault(self.master_of(key), []).append(index)
         return by_master
 
     def ready(self, master: ClusterNode, lane: int) -> PipelinedConnection | None:
@@ -108,7 +107,7 @@ class ClusterLanes:
             for i, reply in zip(indices, replies, strict=True):
                 results[i] = reply
 
-        routes = self.route(commands)
+        routes = self.route([first_key(command) for command in commands])
         if len(routes) == 1:
             await on(*next(iter(routes.items())))
         else:

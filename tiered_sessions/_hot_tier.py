@@ -73,10 +73,9 @@ class HotTier(KeySpace):
         self.cluster = isinstance(client, RedisCluster)
         self._declared = ([(self.dirty_key(p), self.counts_key(p)) for p in range(self.partitions)]
                           if self.cluster else None)
-        declared = "1" if self._declared else "0"
-        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0", declared)
-        self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1", declared)
-        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0", declared)
+        self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0")
+        self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1")
+        self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0")
         self.pipeline = AutoPipeline(client, settings.socket_timeout_secs)
 
     async def record_layout(self, layout: dict[str, str]) -> dict[str, str]:

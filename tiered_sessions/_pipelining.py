@@ -9,16 +9,16 @@ round trips, so that Redis runs one while this process handles the other's repli
 A script written to take many calls at once (``combined``; update_activity's touch.lua) goes as one script
 call per turn: Redis's per-script cost, larger than a touch's own work, is then paid once per turn.
 
-The pipeline holds two connections to each Redis (one per round trip in flight; more batches queue behind
+On one Redis the pipeline holds two connections (one per round trip in flight; more batches queue behind
 them on the same connection) and reads their replies itself (``PipelinedConnection``): a round trip costs one
 write and one read callback, with no task, checkout or stream read on the way. On a cluster, a loop turn's
-calls go to each master in its own round trips (``ClusterLanes``).
+calls go to each master in one round trip on a connection of its own (``ClusterLanes``), its combined calls
+as one script call (``_combining``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Iterable, Sequence
@@ -27,52 +27,17 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from ._cluster_lanes import REDIRECTED, ClusterLanes
-from ._codec import now_ms
+from ._cluster_lanes import REDIRECTED, ClusterLanes, first_key
+from ._combining import Call, Combined, Merged, combined_args, merged_call, one_slot_each
 from ._pipelined_connection import PipelinedConnection, pack
 from ._redis_client import RedisClient, executed
 from ._scripts import LuaScript
 
 log = logging.getLogger(__name__)
 
-# A queued call: the command's arguments, the script it runs (None for a plain command), and its caller, or
-# the callers of a combined script call (one reply each, in order).
-_Call = tuple[tuple[Any, ...], LuaScript | None, "asyncio.Future[Any] | list[asyncio.Future[Any]]"]
-
 LANES = 2  # connections, one per round trip in flight (see _send_queued)
 COMBINE_LIMIT = 256  # calls per combined script call: bounds how long one script holds Redis
 SPLIT_AT = 16  # calls gathered in one loop turn from which they go as two round trips (see _send_queued)
-
-
-@dataclasses.dataclass(slots=True)
-class _Combined:
-    """Calls of one script, gathering in this loop turn, to be sent as one script call."""
-
-    script: LuaScript
-    shared: tuple[Any, ...]
-    declared: tuple[str, ...] = ()  # keys every call of the group touches, declared after the calls' own
-    keys: list[Any] = dataclasses.field(default_factory=list)
-    args: list[Any] = dataclasses.field(default_factory=list)
-    futures: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
-
-    def call(self) -> _Call:
-        return (_combined_args(self.script, self.shared, self.declared, self.keys, self.args), self.script,
-                self.futures)
-
-    def halves(self) -> list[_Combined]:
-        count = len(self.futures)
-        if count < 2:
-            return [self]
-        keys, args, middle = len(self.keys) // count, len(self.args) // count, count // 2
-        return [_Combined(self.script, self.shared, self.declared, self.keys[:middle * keys],
-                          self.args[:middle * args], self.futures[:middle]),
-                _Combined(self.script, self.shared, self.declared, self.keys[middle * keys:],
-                          self.args[middle * args:], self.futures[middle:])]
-
-
-def _combined_args(script: LuaScript, shared: tuple[Any, ...], declared: tuple[str, ...], keys: Sequence[Any],
-                   args: Sequence[Any]) -> tuple[Any, ...]:
-    return ("EVALSHA", script.sha, len(keys) + len(declared), *keys, *declared, *shared, now_ms(), *args)
 
 
 class AutoPipeline:
@@ -80,7 +45,7 @@ class AutoPipeline:
         self.client = client
         self.timeout = timeout
         self.max_batch = max_batch
-        self._queue: list[_Call] = []
+        self._queue: list[Call] = []
         self._scheduled = False
         self._in_flight = 0  # round trips under way
         self._lanes: list[PipelinedConnection | None] = [None] * LANES  # one Redis only
@@ -90,7 +55,7 @@ class AutoPipeline:
         # cluster a redirection
         self._not_run: tuple[type[Exception], ...] = (NoScriptError, *REDIRECTED) if self._cluster else \
             (NoScriptError,)
-        self._combining: dict[tuple[str, tuple[Any, ...], int | None], _Combined] = {}
+        self._combining: dict[tuple[str, tuple[Any, ...], int | None], Combined] = {}
 
     def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
         return self._call(("EVALSHA", script.sha, len(keys), *keys, *args), script)
@@ -100,20 +65,19 @@ class AutoPipeline:
 
     def combined(self, script: LuaScript, shared: tuple[Any, ...], keys: Sequence[Any], args: Sequence[Any],
                  slot: int | None = None, declared: tuple[str, ...] = ()) -> Awaitable[Any]:
-        """One call of a script written to take many: its ARGV is ``shared``, then the time the calls are sent
-        (Unix ms: they share it), then each call's ``args`` (a fixed number per call), its KEYS each call's
-        ``keys``, then ``declared`` (keys of the slot every call touches), and it replies with a list, one
-        reply per call. Calls made in the same loop turn with the same script, shared args and ``slot`` (a
-        cluster slot's stand-in, which decides ``declared``; None on one Redis) go as one script call, so
-        Redis pays its per-script cost once for all."""
+        """One call of a script written to take many (see ``_combining``): ``keys`` and ``args`` are this
+        call's, ``shared`` and ``declared`` (keys of the slot every call touches) the group's. Calls made in
+        the same loop turn with the same script, shared args and ``slot`` (a cluster slot's stand-in, which
+        decides ``declared``; None on one Redis) go as one script call, and on a cluster the groups of one
+        master's slots as one too."""
         if self._quiet:
-            return self._direct_combined(_combined_args(script, shared, declared, keys, args), script)
+            return self._direct_combined(combined_args(script, shared, declared, keys, args), script)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         group_key = (script.sha, shared, slot)
         group = self._combining.get(group_key)
         if group is None:
-            group = self._combining[group_key] = _Combined(script, shared, declared)
+            group = self._combining[group_key] = Combined(script, shared, declared)
         group.keys += keys
         group.args += args
         group.futures.append(future)
@@ -169,13 +133,17 @@ class AutoPipeline:
         calls, self._queue = self._queue, []
         groups = list(self._combining.values())
         self._combining.clear()
-        if len(calls) + sum(len(group.futures) for group in groups) < SPLIT_AT:
-            lanes = [calls + [group.call() for group in groups]]
+        # On a cluster, one round trip per master: the masters already run side by side, and a script call per
+        # master and turn, as large as can be, is what keeps their share of the cores small.
+        if self._cluster is not None or len(calls) + sum(len(group.futures) for group in groups) < SPLIT_AT:
+            lanes = [calls + self._script_calls(groups)]
         else:
-            lanes = [calls[:len(calls) // 2], calls[len(calls) // 2:]]
+            halves: tuple[list[Combined], list[Combined]] = ([], [])
             for group in groups:
-                for lane, half in zip(lanes, group.halves(), strict=False):
-                    lane.append(half.call())
+                for lane_groups, half in zip(halves, group.halves(), strict=False):
+                    lane_groups.append(half)
+            lanes = [calls[:len(calls) // 2] + self._script_calls(halves[0]),
+                     calls[len(calls) // 2:] + self._script_calls(halves[1])]
         for index, lane in enumerate(lanes):
             for connection, calls_there in self._by_connection(lane, index):
                 for start in range(0, len(calls_there), self.max_batch):  # an empty lane sends nothing
@@ -189,23 +157,55 @@ class AutoPipeline:
                         task = asyncio.ensure_future(self._send(batch, index))
                         task.add_done_callback(_report_unexpected)
 
-    def _by_connection(self, calls: list[_Call], lane: int) -> list[tuple[PipelinedConnection | None, list[_Call]]]:
+    def _script_calls(self, groups: list[Combined]) -> list[Call]:
+        """The groups' script calls: one each, but on a cluster one for all the groups of a master's slots
+        that share script and shared args (layout "2", see ``_combining``)."""
+        if self._cluster is None:
+            return [group.call() for group in groups]
+        calls: list[Call] = []
+        by_master: dict[tuple[str, tuple[Any, ...], str], list[Combined]] = {}
+        for group in groups:
+            master = self._cluster.master_of(group.keys[0])
+            if master is None or not group.declared:
+                calls.append(group.call())
+            else:
+                by_master.setdefault((group.script.sha, group.shared, master.name), []).append(group)
+        calls += [same[0].call() if len(same) == 1 else merged_call(same) for same in by_master.values()]
+        return calls
+
+    def _by_connection(self, calls: list[Call], lane: int) -> list[tuple[PipelinedConnection | None, list[Call]]]:
         """The lane's calls by the connection they go out on: on one Redis, all on the lane's; on a cluster, each
         master's on the lane's connection to it (None: to be opened, or the slot is not mapped yet)."""
         if self._cluster is None:
             return [(self._lanes[lane], calls)]
         cluster = self._cluster
+        keys = [target.groups[0].keys[0] if isinstance(target, Merged) else first_key(args)
+                for args, _, target in calls]
         return [(None if master is None else cluster.ready(master, lane), [calls[i] for i in indices])
-                for master, indices in cluster.route([args for args, _, _ in calls]).items()]
+                for master, indices in cluster.route(keys).items()]
 
-    def _replied(self, batch: list[_Call], replies: list[Any] | Exception) -> None:
+    def _replied(self, batch: list[Call], replies: list[Any] | Exception) -> None:
         self._in_flight -= 1
         if not isinstance(replies, Exception) and any(isinstance(reply, self._not_run) for reply in replies):
             # Redis lost its scripts (a restart, SCRIPT FLUSH), or a cluster's slot lives elsewhere now: run
-            # those calls again (loading the scripts first), off this read callback
-            task = asyncio.ensure_future(self._send(batch, 0, replies))
-            task.add_done_callback(_report_unexpected)
-            return
+            # those calls again (loading the scripts first), off this read callback. A merged call goes again
+            # one slot each.
+            kept: tuple[list[Call], list[Any]] = ([], [])
+            again: list[Call] = []
+            for call, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, self._not_run) and isinstance(call[2], Merged):
+                    again.append(call)
+                else:
+                    kept[0].append(call)
+                    kept[1].append(reply)
+            if again:
+                batch, replies = kept
+                task = asyncio.ensure_future(self._send(one_slot_each(again), 0))
+                task.add_done_callback(_report_unexpected)
+            if any(isinstance(reply, self._not_run) for reply in replies):
+                task = asyncio.ensure_future(self._send(batch, 0, replies))
+                task.add_done_callback(_report_unexpected)
+                return
         _deliver_replies(batch, replies)
 
     async def run(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], lane: int = 0) -> list[Any]:
@@ -254,9 +254,11 @@ class AutoPipeline:
                 raise result
         return results
 
-    async def _send(self, batch: list[_Call], lane: int, replies: list[Any] | None = None) -> None:
+    async def _send(self, batch: list[Call], lane: int, replies: list[Any] | None = None) -> None:
         """A batch that could not be written at once (a cluster, a connection to open), or whose ``replies``
         came back with scripts to load and calls to run again."""
+        if replies is None:
+            batch = one_slot_each(batch)  # the way round, where a moving slot is found: no need to merge
         self._in_flight += 1
         calls = [(args, script) for args, script, _ in batch]
         try:
@@ -328,7 +330,7 @@ class AutoPipeline:
 
 
 
-def _deliver_replies(batch: list[_Call], results: list[Any] | Exception) -> None:
+def _deliver_replies(batch: list[Call], results: list[Any] | Exception) -> None:
     """Hand each caller in a round trip its reply, or all of them the error that ended the round trip."""
     if isinstance(results, Exception):
         for _, _, target in batch:
