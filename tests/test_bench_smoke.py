@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 SCENARIOS = {"update_activity@1", "update_activity@16", "update_activity@64", "update_activity@256", "get_hot@1",
              "get_hot@64", "get_cold", "ensure", "mixed", "drain", "coalescing", "flush_lag", "recover", "memory",
-             "seed_timings"}
+             "seed_timings", "peers_update", "peers_get"}
 # Every baseline each scenario must be compared with (the ratio fields).
 BASELINES = {
     "update_activity@64": {"redis_py SET EX", "write_through"},
@@ -25,6 +25,8 @@ BASELINES = {
     "recover": {"raw pair (SELECT + HSET)"},
     "memory": {"redis_py SET EX"},
     "seed_timings": {"persistence off"},
+    "peers_update": {"redis_py SET EX", "valkey-glide SET EX", "coredis SET EX"},
+    "peers_get": {"redis_py GET", "valkey-glide GET", "coredis GET"},
 }
 
 
@@ -45,5 +47,5 @@ def test_quick_benchmark_reports_every_scenario() -> None:
         for target in scenario["targets"]:
             assert isinstance(target["measured"], float | int) and isinstance(target["pass"], bool), (name, target)
     targets = [t["target"] for s in report["scenarios"].values() for t in s["targets"]]
-    assert len(targets) == 16 and report["summary"]["targets"] == 16
+    assert len(targets) == 18 and report["summary"]["targets"] == 18
     assert {"nproc", "cpu", "redis_server", "postgresql"} <= set(report["machine"])

@@ -11,7 +11,7 @@ Scenario = Callable[[Env], Awaitable[ScenarioResult]]
 
 
 def load() -> dict[str, Scenario]:
-    from . import hot_path, memory, recovery, seed_timings, write_behind
+    from . import hot_path, memory, peers, recovery, seed_timings, write_behind
 
-    return {**hot_path.SCENARIOS, **write_behind.SCENARIOS, **recovery.SCENARIOS, **memory.SCENARIOS,
-            **seed_timings.SCENARIOS}
+    return {**hot_path.SCENARIOS, **peers.SCENARIOS, **write_behind.SCENARIOS, **recovery.SCENARIOS,
+            **memory.SCENARIOS, **seed_timings.SCENARIOS}
