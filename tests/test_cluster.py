@@ -289,8 +289,9 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
                                                                      cluster_settings: Settings,
                                                                      pg: asyncpg.Connection) -> None:
     """A resharding under load: calls that meet ASK or MOVED are sent again where the slot now lives (they did
-    not run where they were refused), calls that fail are not acknowledged, and every acknowledged touch is
-    counted once."""
+    not run where they were refused), no touch is half applied, every acknowledged touch is counted once, and a
+    failed one at most once (a call that fails on a connection redis-py's client closed under it, as it
+    re-maps the cluster, may have run: see ``_redis_client.closed_under_the_call``)."""
     from redis.crc import key_slot
 
     from tiered_sessions._codec import partition_of
@@ -302,7 +303,8 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
     ids = moving + [f"o-{i}" for i in range(40)]
     slot = key_slot(f"{cluster_settings.key_prefix}:{{p0}}:".encode())
     acked: Counter[str] = Counter()
-    failed: Counter[str] = Counter()
+    failed: Counter[str] = Counter()  # by session
+    errors: Counter[str] = Counter()
     stop = asyncio.Event()
 
     async def load(manager: SessionManager) -> None:
@@ -312,7 +314,8 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
                 if await manager.update_activity(sid, request_duration_ms=1):
                     acked[sid] += 1
             except BackendUnavailable as exc:  # TRYAGAIN while a script's keys are on both sides
-                failed[type(exc).__name__] += 1
+                failed[sid] += 1
+                errors[str(exc).rsplit(": ", 1)[-1]] += 1
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0)
 
@@ -341,7 +344,8 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
         rows = await pg_rows(pg, cluster_settings)
         for sid in ids:
             session = await manager.get(sid)
-            assert session is not None and session.request_count == acked[sid], sid
-            assert rows[sid]["request_count"] == acked[sid], sid
+            assert session is not None and acked[sid] <= session.request_count <= acked[sid] + failed[sid], \
+                (sid, dict(errors))
+            assert rows[sid]["request_count"] == session.request_count, sid
     print(f"resharding: slot {slot} {source}->{target}; {sum(acked.values())} acknowledged ({during} while "
-          f"moving), failed: {dict(failed)}")
+          f"moving), failed: {dict(errors)}")

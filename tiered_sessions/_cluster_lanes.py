@@ -3,8 +3,11 @@ read by a ``PipelinedConnection``, so that a cluster round trip costs what one R
 pipeline costs a task, a node lookup and a connection checkout per call, and reads one reply per ``await``).
 
 A call goes to the master that owns its first key's slot in redis-py's slot map. A call answered MOVED, ASK or
-TRYAGAIN did not run: it goes again through redis-py's cluster client, which follows the redirection and
-updates that map (a failover, a resharding); the next calls of that slot then come here to the new owner.
+TRYAGAIN did not run, and is sent again here: after MOVED to the slot's new master (the map updated), after ASK
+to the migration's target (ASKING first), after TRYAGAIN a moment later. A call whose connection is lost on the
+way fails: it may have run, and is never sent a second time (redis-py's cluster pipeline runs the whole
+pipeline again after a lost connection, counting a touch twice). Only a slot not mapped yet, or a master that
+cannot be reached, goes through redis-py's client, which re-maps the cluster (a failover).
 These connections are this module's, apart from redis-py's node pools: redis-py closes its own connections when
 it re-maps the cluster, under whatever call uses them (see ``_redis_client.closed_under_the_call``).
 """
@@ -19,6 +22,7 @@ from typing import Any, Final
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.backoff import NoBackoff
+from redis.cluster import PRIMARY
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,8 +34,10 @@ from ._redis_client import executed
 
 log = logging.getLogger(__name__)
 
-# Replies that mean "not run here": the call is sent again through redis-py, which knows where.
+# Replies that mean "not run here": the call is sent again where the slot lives (follow_redirections).
 REDIRECTED: Final = (MovedError, AskError, TryAgainError)
+REDIRECTIONS: Final = 16  # a call's redirections before its last one is its error (redis-py's TTL)
+TRYAGAIN_PAUSE: Final = 0.05  # seconds: a slot's keys are moving, some here and some there
 
 
 def first_key(command: tuple[Any, ...]) -> str | bytes:
@@ -113,6 +119,46 @@ class ClusterLanes:
         else:
             await asyncio.gather(*(on(master, indices) for master, indices in routes.items()))
         return results
+
+    async def follow_redirections(self, commands: list[tuple[Any, ...]], results: list[Any], lane: int) -> None:
+        """Send again, replacing their results, the commands answered MOVED, ASK or TRYAGAIN, until none is or
+        ``REDIRECTIONS`` rounds have gone by (then the last answer is the result)."""
+        for _round in range(REDIRECTIONS):
+            pending = [i for i, result in enumerate(results) if isinstance(result, REDIRECTED)]
+            if not pending:
+                return
+            if any(isinstance(results[i], TryAgainError) for i in pending):
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+            routed: list[int] = []
+            asked: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in pending:
+                error = results[i]
+                if isinstance(error, AskError):
+                    node = self._node_at(error.host, error.port)
+                    asked.setdefault(node.name, (node, []))[1].append(i)
+                else:
+                    if isinstance(error, MovedError):
+                        await self.client.nodes_manager.move_slot(error)
+                    routed.append(i)
+            sends = [self._asking(node, [commands[i] for i in indices], lane) for node, indices in asked.values()]
+            if routed:
+                sends.append(self.execute([commands[i] for i in routed], lane))
+            for indices, replies in zip([indices for _, indices in asked.values()] + ([routed] if routed else []),
+                                        await asyncio.gather(*sends), strict=True):
+                for i, reply in zip(indices, replies, strict=True):
+                    results[i] = reply
+
+    def _node_at(self, host: str, port: int) -> ClusterNode:
+        return self.client.nodes_manager.get_node(host, port) or ClusterNode(
+            host, port, PRIMARY, **self.client.nodes_manager.connection_kwargs)
+
+    async def _asking(self, node: ClusterNode, commands: list[tuple[Any, ...]], lane: int) -> list[Any]:
+        """The commands on the migration target, each after ASKING (which admits the one command after it)."""
+        connection = await self.connection(node, lane)
+        asking = pack(("ASKING",))
+        replies = await connection.request(b"".join(asking + pack(command) for command in commands),
+                                           2 * len(commands))
+        return replies[1::2]
 
     async def via_redis_py(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Through redis-py's cluster pipeline: it sends each node its commands, reruns those answered MOVED,

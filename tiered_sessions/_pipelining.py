@@ -218,18 +218,17 @@ class AutoPipeline:
     async def _rerun(self, calls: Sequence[tuple[tuple[Any, ...], LuaScript | None]], results: list[Any],
                      lane: int) -> list[Any]:
         for _attempt in range(2):  # a call redirected to a master that lacks the script comes back NOSCRIPT
-            retry = [i for i, result in enumerate(results) if isinstance(result, self._not_run)]
-            if not retry:
-                break
-            if any(isinstance(results[i], NoScriptError) for i in retry):
+            retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if retry:
                 await self.load_scripts({script.sha: script for i in retry if (script := calls[i][1]) is not None}
                                         .values())
-            commands = [calls[i][0] for i in retry]
-            # On a cluster through redis-py, which follows the redirection and re-maps the slots
-            again = await (self._cluster.via_redis_py(commands) if self._cluster is not None
-                           else self._execute(commands, lane))
-            for i, result in zip(retry, again, strict=True):
-                results[i] = result
+                again = await self._execute([calls[i][0] for i in retry], lane)
+                for i, result in zip(retry, again, strict=True):
+                    results[i] = result
+            if self._cluster is not None:
+                await self._cluster.follow_redirections([args for args, _ in calls], results, lane)
+            if not any(isinstance(result, NoScriptError) for result in results):
+                break
         return results
 
     async def load_scripts(self, scripts: Iterable[LuaScript]) -> None:
