@@ -57,7 +57,7 @@ MUTANTS = (
            "after_journal: set[str] = set()", ("tests/test_seams.py",)),
     Mutant("ack-ignores-version", "the ack clears a dirty mark only at the version written",
            "tiered_sessions/lua/ack.lua", "elseif current[1] == ARGV[i + 1] then", "elseif true then",
-           ("tests/test_write_behind.py", "tests/test_concurrency.py")),
+           ("tests/test_write_behind.py", "tests/test_concurrency.py")),  # the first is deterministic
     Mutant("journal-applied-twice", "a journal entry is folded into a copy once",
            "tiered_sessions/lua/touch.lua",
            "if tonumber(redis.call('HGET', session, 'jv') or '0') >= tonumber(journal) then return -3 end",

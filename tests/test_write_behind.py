@@ -91,6 +91,34 @@ async def test_dirty_session_is_pinned_until_acked(settings: Settings, redis: ai
         assert 0 < await redis.pttl(key) <= 30_000  # the ack applied the real expiry
 
 
+async def test_a_write_while_its_batch_is_in_postgres_stays_dirty(settings: Settings, pg: asyncpg.Connection,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack clears a dirty mark only at the version it wrote: a touch that lands while the batch is being
+    written keeps the session dirty, and the next pass writes it."""
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        await manager.ensure("raced")
+        assert manager.flusher is not None
+        store = manager.flusher.cold
+        upsert = store.upsert_batch
+        touched: list[bool] = []
+
+        async def upsert_then_touch(rows: list[Any]) -> dict[str, Refusal]:
+            refused = await upsert(rows)
+            if not touched:  # once: between this batch's claim and its ack
+                touched.append(await manager.update_activity("raced"))
+            return refused
+
+        monkeypatch.setattr(store, "upsert_batch", upsert_then_touch)
+        left = await manager.flush()
+        assert touched == [True]
+        row = await pg_row(pg, settings, "raced")
+        # The touch is durable, or the flush says one session is not (it came after the flush began)
+        assert row is not None and (row["request_count"] == 1 or left == 1), (dict(row), left)
+        assert await manager.flush() == 0
+        row = await pg_row(pg, settings, "raced")
+        assert row is not None and row["request_count"] == 1 and row["version"] == 2
+
+
 async def test_expiry_shorter_than_flush_interval_is_still_flushed(settings: Settings, pg: asyncpg.Connection,
                                                                     redis: aioredis.Redis) -> None:
     async with SessionManager(settings=settings, run_flusher=False, session_timeout_secs=0.2) as manager:
