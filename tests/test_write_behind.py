@@ -113,7 +113,7 @@ async def test_a_write_while_its_batch_is_in_postgres_stays_dirty(settings: Sett
         assert touched == [True]
         row = await pg_row(pg, settings, "raced")
         # The touch is durable, or the flush says one session is not (it came after the flush began)
-        assert row is not None and (row["request_count"] == 1 or left == 1), (dict(row), left)
+        assert row is not None and (row["request_count"] == 1 or left == 1), (row, left)
         assert await manager.flush() == 0
         row = await pg_row(pg, settings, "raced")
         assert row is not None and row["request_count"] == 1 and row["version"] == 2
