@@ -22,23 +22,18 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
         return 0
     total = await tiers.store.count_live()
     done = written = 0
-    # The next page is read from Postgres while this one is warmed in Redis.
+    # The next page is read from Postgres, and its hashes built, while Redis warms this one.
     pages = aiter(tiers.store.iter_live(page_size))
-    page = await anext(pages, None)
+    page = await _next_page(pages)
     while page is not None:
-        warmed = []
-        for record in page:
-            pairs, expires_ms = _codec.hash_from_record(record)
-            warmed.append((record.session_id, expires_ms, pairs))
         async with asyncio.TaskGroup() as both:  # either failing cancels the other
-            warming = both.create_task(tiers.hot.warm_many(warmed))
+            warming = both.create_task(tiers.hot.warm_many(page))
             reading = both.create_task(_next_page(pages))
         written += warming.result()
-        following = reading.result()
         done += len(page)
         if progress is not None:
             progress(done, max(total, done))
-        page = following
+        page = reading.result()
     log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
     return written
 
@@ -55,8 +50,16 @@ async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
     return closed
 
 
-async def _next_page(pages: AsyncIterator[list[ColdRecord]]) -> list[ColdRecord] | None:
-    return await anext(pages, None)
+async def _next_page(pages: AsyncIterator[list[ColdRecord]]) -> list[tuple[str, int, list[bytes | str | int]]] | None:
+    """The next page of live rows, as warm_many takes them (None after the last)."""
+    records = await anext(pages, None)
+    if records is None:
+        return None
+    page = []
+    for record in records:
+        pairs, expires_ms = _codec.hash_from_record(record)
+        page.append((record.session_id, expires_ms, pairs))
+    return page
 
 
 async def expire_in_postgres(tiers: Tiers, now_ms: int) -> list[ColdRecord]:
