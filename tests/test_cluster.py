@@ -21,7 +21,7 @@ from tiered_sessions import SessionManager, Settings
 from tiered_sessions.errors import BackendUnavailable, SessionLimitExceeded
 from tiered_sessions.migrate import migrate
 
-from .helpers import pg_row, pg_rows
+from .helpers import pg_row, pg_rows, touch_load
 from .local_cluster import LocalCluster
 
 
@@ -136,24 +136,13 @@ async def test_failover_under_load_loses_nothing_flushed(database_url: str, pg: 
         settings = await _settings_on(local.url, database_url)
         ids = [f"f-{i}" for i in range(200)]
         acked: Counter[str] = Counter()
-        failed: list[BaseException] = []
+        failed: list[tuple[str, BackendUnavailable]] = []  # the failover window: counted, not acknowledged
         stop = asyncio.Event()
-
-        async def load(manager: SessionManager) -> None:
-            while not stop.is_set():
-                sid = random.choice(ids)
-                try:
-                    if await manager.update_activity(sid, request_duration_ms=1):
-                        acked[sid] += 1
-                except BackendUnavailable as exc:  # the failover window: counted, not acknowledged
-                    failed.append(exc)
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0)
 
         async with SessionManager(settings=settings) as manager:
             for sid in ids:
                 await manager.ensure(sid)
-            tasks = [asyncio.create_task(load(manager)) for _ in range(6)]
+            tasks = [asyncio.create_task(touch_load(manager, ids, acked, stop, failed)) for _ in range(6)]
             await asyncio.sleep(1.0)
             await manager.flush()  # under load: what was dirty at the call is durable, later writes may not be
             flushed = {sid: row["request_count"] for sid, row in (await pg_rows(pg, settings)).items()}
@@ -303,26 +292,13 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
     ids = moving + [f"o-{i}" for i in range(40)]
     slot = key_slot(f"{cluster_settings.key_prefix}:{{p0}}:".encode())
     acked: Counter[str] = Counter()
-    failed: Counter[str] = Counter()  # by session
-    errors: Counter[str] = Counter()
+    failures: list[tuple[str, BackendUnavailable]] = []
     stop = asyncio.Event()
-
-    async def load(manager: SessionManager) -> None:
-        while not stop.is_set():
-            sid = random.choice(ids)
-            try:
-                if await manager.update_activity(sid, request_duration_ms=1):
-                    acked[sid] += 1
-            except BackendUnavailable as exc:  # TRYAGAIN while a script's keys are on both sides
-                failed[sid] += 1
-                errors[str(exc).rsplit(": ", 1)[-1]] += 1
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0)
 
     async with SessionManager(settings=cluster_settings, redis_probe_interval_secs=0.1) as manager:
         for sid in ids:
             await manager.ensure(sid)
-        tasks = [asyncio.create_task(load(manager)) for _ in range(16)]
+        tasks = [asyncio.create_task(touch_load(manager, ids, acked, stop, failures)) for _ in range(16)]
         await asyncio.sleep(0.3)
         before = sum(acked.values())
         source, target = await asyncio.to_thread(_migrate_slot, cluster, slot)
@@ -342,6 +318,8 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
         with cluster.client(next(n for n in cluster.nodes if n.port == target)) as client:
             assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= len(moving)
         rows = await pg_rows(pg, cluster_settings)
+        failed = Counter(sid for sid, _ in failures)
+        errors = Counter(str(exc).rsplit(": ", 1)[-1] for _, exc in failures)
         for sid in ids:
             session = await manager.get(sid)
             assert session is not None and acked[sid] <= session.request_count <= acked[sid] + failed[sid], \

@@ -21,28 +21,12 @@ from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.errors import BackendUnavailable
 from tiered_sessions.migrate import migrate
 
-from .helpers import pg_rows
+from .helpers import pg_rows, touch_load
 from .test_cli import _env
 
 
 def _activity_rows() -> float:
     return REGISTRY.get_sample_value("tiered_sessions_flushed_rows_total", {"kind": "activity"}) or 0.0
-
-
-async def _touch_load(manager: SessionManager, ids: list[str], acked: Counter[str], stop: asyncio.Event,
-                      errors: list[BaseException] | None = None) -> None:
-    """Touch random sessions until stopped; count only the writes that were acknowledged."""
-    while not stop.is_set():
-        sid = random.choice(ids)
-        try:
-            if await manager.update_activity(sid, request_duration_ms=1):
-                acked[sid] += 1
-        except BackendUnavailable as exc:
-            if errors is None:
-                raise
-            errors.append(exc)
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0)
 
 
 async def test_flusher_sigkilled_mid_batch_loses_nothing(settings: Settings, pg: asyncpg.Connection) -> None:
@@ -54,7 +38,7 @@ async def test_flusher_sigkilled_mid_batch_loses_nothing(settings: Settings, pg:
     async with SessionManager(settings=settings, run_flusher=False) as manager:
         for sid in ids:
             await manager.ensure(sid)
-        load = [asyncio.create_task(_touch_load(manager, ids, acked, stop)) for _ in range(8)]
+        load = [asyncio.create_task(touch_load(manager, ids, acked, stop)) for _ in range(8)]
         kills = 0
         for _ in range(8):
             flusher = await asyncio.create_subprocess_exec(sys.executable, "-m", "tiered_sessions.cli", "flusher",
@@ -88,7 +72,7 @@ async def test_postgres_down_under_write_load(redis_url: str, own_postgres: Post
     for sid in ids:
         await manager.ensure(sid)
     await manager.flush()
-    load = [asyncio.create_task(_touch_load(manager, ids, acked, stop)) for _ in range(4)]
+    load = [asyncio.create_task(touch_load(manager, ids, acked, stop)) for _ in range(4)]
     own_postgres.kill()
     await asyncio.sleep(2.0)  # writes keep landing in Redis while the flusher retries with backoff
     metrics = await manager.get_session_metrics()

@@ -23,9 +23,8 @@ from tiered_sessions._flusher import Flusher
 from tiered_sessions._hot_tier import HotTier
 from tiered_sessions.cold_tier import PostgresSessionStore
 
-from .helpers import pg_row, pg_rows
+from .helpers import pg_row, pg_rows, touch_load
 from .test_cli import _env
-from .test_faults import _touch_load
 
 
 async def _holders(redis: aioredis.Redis, settings: Settings) -> list[str | None]:
@@ -160,7 +159,7 @@ async def test_three_flusher_processes_one_sigkilled_its_partitions_taken_over(
         async with SessionManager(settings=settings, run_flusher=False) as manager:
             for sid in ids:
                 await manager.ensure(sid)
-            load = [asyncio.create_task(_touch_load(manager, ids, acked, stop)) for _ in range(6)]
+            load = [asyncio.create_task(touch_load(manager, ids, acked, stop)) for _ in range(6)]
             deadline = time.monotonic() + 15
             while True:  # all three up and sharing (each 5 or 6 of 16)
                 counts = Counter(await _holders(redis, settings))

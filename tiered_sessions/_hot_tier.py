@@ -66,13 +66,13 @@ class HotTier(KeySpace):
         # Live counts go by expiry buckets of 1/64 of the timeout: a partition's count hash has about 65
         # fields (compact in Redis), and a count is exact to one bucket.
         self.bucket_ms = max(1, self.timeout_ms // 64)
-        # touch.lua's shared ARGV: plain touches (reply: the version), touches whose caller holds a Session
-        # (reply: the counters too), journal replays
         # On a cluster every script touches one slot: the session limit is counted before the script instead,
         # and touch.lua gets its partition's dirty index and live counts declared (see its header).
         self.cluster = isinstance(client, RedisCluster)
         self._declared = ([(self.dirty_key(p), self.counts_key(p)) for p in range(self.partitions)]
                           if self.cluster else None)
+        # touch.lua's shared ARGV: plain touches (reply: the version), touches whose caller holds a Session
+        # (reply: the counters too), journal replays
         self._touch_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "0")
         self._counters_shared = (self.timeout_ms, self.persist, self.bucket_ms, "0", "1")
         self._replay_shared = (self.timeout_ms, self.persist, self.bucket_ms, "1", "0")

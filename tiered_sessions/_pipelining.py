@@ -327,8 +327,6 @@ class AutoPipeline:
                 await self.client.connection_pool.release(connection.connection)
 
 
-
-
 def _deliver_replies(batch: list[Call], results: list[Any] | Exception) -> None:
     """Hand each caller in a round trip its reply, or all of them the error that ended the round trip."""
     if isinstance(results, Exception):
