@@ -327,3 +327,39 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
             assert rows[sid]["request_count"] == session.request_count, sid
     print(f"resharding: slot {slot} {source}->{target}; {sum(acked.values())} acknowledged ({during} while "
           f"moving), failed: {dict(errors)}")
+
+
+async def test_a_master_that_hangs_while_connecting_holds_up_no_other_master(cluster: LocalCluster,
+                                                                          cluster_settings: Settings) -> None:
+    """Opening the hot path's connection to a master that does not answer (a paused process: the kernel
+    accepts, nothing replies) waits for that master only: calls to the others, which need a connection opened
+    too, go on."""
+    async with SessionManager(settings=cluster_settings) as manager:
+        assert manager._tiers is not None
+        hot = manager._tiers.hot
+        lanes = hot.pipeline._cluster
+        assert lanes is not None
+        by_master: dict[str, str] = {}
+        for sid in (f"h-{i}" for i in range(200)):
+            await manager.ensure(sid)
+            master = lanes.master_of(hot.keys(sid).session)
+            assert master is not None
+            by_master.setdefault(master.name, sid)
+        assert len(by_master) == 3
+        await hot.pipeline.aclose()  # every call below opens its master's connection afresh
+        (hung_name, hung_sid), (_, other_sid) = list(by_master.items())[:2]
+        hung = next(node for node in cluster.nodes if hung_name.endswith(f":{node.port}"))
+        hung.pause()
+        # Resumed within the cluster's node timeout (2 s): no failover, and the stuck call then completes
+        resuming = asyncio.get_running_loop().call_later(1.0, hung.resume)
+        try:
+            stuck = asyncio.create_task(manager.get(hung_sid))
+            await asyncio.sleep(0.05)  # it is opening its master's connection
+            started = time.monotonic()
+            assert await manager.get(other_sid) is not None
+            waited = time.monotonic() - started
+            assert await stuck is not None
+        finally:
+            resuming.cancel()
+            hung.resume()
+        assert waited < 0.5, f"a call to a healthy master waited {waited:.2f}s for the hung one"

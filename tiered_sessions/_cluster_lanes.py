@@ -51,7 +51,8 @@ class ClusterLanes:
         self.client = client
         self.timeout = timeout
         self._connections: dict[tuple[str, int], PipelinedConnection] = {}
-        self._opening = asyncio.Lock()
+        # One per connection: a master slow to answer while its connection opens holds up no other
+        self._opening: dict[tuple[str, int], asyncio.Lock] = {}
 
     def master_of(self, key: str | bytes) -> ClusterNode | None:
         """The master that owns the key's slot, as redis-py last mapped it (None: not mapped yet)."""
@@ -75,7 +76,7 @@ class ClusterLanes:
         (TLS, AUTH, HELLO and the client name: every URL option)."""
         if (connection := self.ready(master, lane)) is not None:
             return connection
-        async with self._opening:
+        async with self._opening.setdefault((master.name, lane), asyncio.Lock()):
             if (connection := self.ready(master, lane)) is not None:
                 return connection
             lost = self._connections.pop((master.name, lane), None)
