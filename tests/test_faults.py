@@ -181,3 +181,20 @@ async def test_redis_restarted_cold_serves_everything_flushed(own_redis: RedisSe
         await manager.recover_all_sessions()
         assert manager.flusher is not None
         assert await manager.flusher.hot.live_count(int(time.time() * 1000)) == 200
+
+
+async def test_recovery_that_loses_redis_raises_the_named_error(own_redis: RedisServer, database_url: str) -> None:
+    """recover_all_sessions() warms a page while it reads the next: Redis lost meanwhile is RedisUnavailable,
+    as for any call, not the group of the two tasks' errors."""
+    settings = Settings(redis_url=own_redis.url, database_url=database_url, key_prefix="recoverlost",
+                        schema="recoverlost", max_concurrent_sessions=None, socket_timeout_secs=2)
+    await migrate(settings)
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        for i in range(30):
+            await manager.ensure(f"r-{i}")
+        assert await manager.flush() == 0
+        own_redis.stop()
+        with pytest.raises(BackendUnavailable, match="recover_all_sessions"):
+            await manager.recover_all_sessions(page_size=10)
+        own_redis.start()
+

@@ -26,14 +26,18 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
     pages = aiter(tiers.store.iter_live(page_size))
     page = await _next_page(pages)
     while page is not None:
-        async with asyncio.TaskGroup() as both:  # either failing cancels the other
-            warming = both.create_task(tiers.hot.warm_many(page))
-            reading = both.create_task(_next_page(pages))
-        written += warming.result()
+        # Not a TaskGroup: its ExceptionGroup would hide the driver error the manager names (RedisUnavailable)
+        reading = asyncio.ensure_future(_next_page(pages))
+        try:
+            written += await tiers.hot.warm_many(page)
+        except BaseException:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            raise
         done += len(page)
         if progress is not None:
             progress(done, max(total, done))
-        page = reading.result()
+        page = await reading
     log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
     return written
 
