@@ -130,15 +130,15 @@ async def _client_main(redis_url: str, prefix: str, seconds: float, concurrency:
 
 
 def _server_cpu() -> dict[int, float]:
-    """CPU seconds so far of every redis-server process on the machine."""
+    """CPU seconds so far of the redis-server processes this run started (not other ones on the machine)."""
     found: dict[int, float] = {}
-    for process in psutil.process_iter(["name"]):
-        if "redis-server" in (process.info["name"] or ""):
-            try:
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "redis-server" in process.name():
                 times = process.cpu_times()
-            except psutil.Error:
-                continue
-            found[process.pid] = times.user + times.system
+                found[process.pid] = times.user + times.system
+        except psutil.Error:
+            continue
     return found
 
 

@@ -132,6 +132,9 @@ MUTANTS = (
            "            pipe.zcard(self.dirty_key(p))\n"
            "        return sum(int(count) for count in await pipe.execute())",
            ("tests/test_seams.py::test_a_connection_closed_under_a_background_read_is_a_connection_error",)),
+    Mutant("shutdown-race-unnamed", "a connection caught in PostgreSQL's shutdown is PostgresUnavailable",
+           "tiered_sessions/_failures.py", "    asyncpg.InternalClientError,\n", "",
+           ("tests/test_faults.py::test_a_pooled_connection_caught_in_a_shutdown_is_postgres_unavailable",)),
     Mutant("touch-undeclared-keys", "on a cluster a touch meets ASK/TRYAGAIN before it writes, never fails midway",
            "tiered_sessions/_hot_tier.py", "                          if self.cluster else None)",
            "                          if False else None)",

@@ -374,8 +374,9 @@ async def _outage_and_back(port: int, timeline: Timeline, postgres: PostgresServ
     await asyncio.sleep(wall_secs(SETTLE_MIN))
     assert not timeline.active_since(quiet_from), f"alerts before the outage:\n{timeline}"
 
-    await asyncio.to_thread(postgres.stop)
+    # Marked before the stop: the flush errors begin with the shutdown, before stop() returns
     outage = timeline.origin = timeline.mark("PostgreSQL stopped")
+    await asyncio.to_thread(postgres.stop)
     await _until(timeline, lambda t: all(t.states.get(name) == "firing" for name in OUTAGE_ALERTS),
                  "every outage alert firing", within=wall_secs(FIRE_WITHIN_MIN))
     dirty = await _query(port, "tiered_sessions:dirty_sessions:sum")

@@ -268,6 +268,7 @@ def _migrate_slot(cluster: LocalCluster, slot: int, batch: int = 5, pause: float
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
             src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
             time.sleep(pause)  # calls meanwhile meet ASK (or TRYAGAIN: a script's keys on both sides)
+        dst.script_flush()  # calls sent to the new owner meet NOSCRIPT too, as on a new node
         for node in primaries:
             with cluster.client(node) as client:
                 client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
@@ -276,14 +277,25 @@ def _migrate_slot(cluster: LocalCluster, slot: int, batch: int = 5, pause: float
 
 async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: LocalCluster,
                                                                      cluster_settings: Settings,
-                                                                     pg: asyncpg.Connection) -> None:
+                                                                     pg: asyncpg.Connection,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A resharding under load: calls that meet ASK or MOVED are sent again where the slot now lives (they did
     not run where they were refused), no touch is half applied, every acknowledged touch is counted once, and a
     failed one at most once (a call that fails on a connection redis-py's client closed under it, as it
     re-maps the cluster, may have run: see ``_redis_client.closed_under_the_call``)."""
     from redis.crc import key_slot
 
+    from tiered_sessions._cluster_lanes import REDIRECTED, ClusterLanes
     from tiered_sessions._codec import partition_of
+
+    redirected: Counter[str] = Counter()  # replies that sent a call elsewhere, by kind
+    follow = ClusterLanes.follow_redirections
+
+    async def counting(self: ClusterLanes, commands: list[Any], results: list[Any], lane: int) -> None:
+        redirected.update(type(result).__name__ for result in results if isinstance(result, REDIRECTED))
+        await follow(self, commands, results, lane)
+
+    monkeypatch.setattr(ClusterLanes, "follow_redirections", counting)
 
     # 40 sessions in the partition whose slot moves, and as many in the others: a loop turn's touches of one
     # master's slots go as one script call, which must write nothing when one of its slots is moving.
@@ -311,12 +323,10 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
                 break
             await asyncio.sleep(0.05)
         assert (await manager.get_session_metrics())["mode"] == "normal"
-        for sid in ids:
-            assert await manager.update_activity(sid)
-            acked[sid] += 1
+        assert during > 0 and redirected, f"the load did not meet the move ({during} calls, {dict(redirected)})"
+        # Checked before anything else touches them: a half-applied touch (counted in Redis, its dirty mark
+        # lost) would be in Redis and not in Postgres
         assert await manager.flush() == 0
-        with cluster.client(next(n for n in cluster.nodes if n.port == target)) as client:
-            assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= len(moving)
         rows = await pg_rows(pg, cluster_settings)
         failed = Counter(sid for sid, _ in failures)
         errors = Counter(str(exc).rsplit(": ", 1)[-1] for _, exc in failures)
@@ -325,8 +335,15 @@ async def test_a_slot_moved_to_another_master_under_load_is_followed(cluster: Lo
             assert session is not None and acked[sid] <= session.request_count <= acked[sid] + failed[sid], \
                 (sid, dict(errors))
             assert rows[sid]["request_count"] == session.request_count, sid
+        # The slot's new owner serves every call from now on
+        with cluster.client(next(n for n in cluster.nodes if n.port == target)) as client:
+            assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= len(moving)
+        for sid in moving:
+            before_touch = (await manager.get(sid) or pytest.fail(sid)).request_count
+            assert await manager.update_activity(sid)
+            assert (await manager.get(sid) or pytest.fail(sid)).request_count == before_touch + 1
     print(f"resharding: slot {slot} {source}->{target}; {sum(acked.values())} acknowledged ({during} while "
-          f"moving), failed: {dict(errors)}")
+          f"moving), redirected: {dict(redirected)}, failed: {dict(errors)}")
 
 
 async def test_a_master_that_hangs_while_connecting_holds_up_no_other_master(cluster: LocalCluster,

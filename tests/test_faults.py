@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from tiered_sessions import SessionManager, Settings
 from tiered_sessions.embedded import PostgresServer, RedisServer
-from tiered_sessions.errors import BackendUnavailable
+from tiered_sessions.errors import BackendUnavailable, PostgresUnavailable
 from tiered_sessions.migrate import migrate
 
 from .helpers import pg_rows, touch_load
@@ -103,6 +103,22 @@ async def test_postgres_down_under_write_load(redis_url: str, own_postgres: Post
         await connection.close()
     for sid in ids:
         assert counts[sid] == acked[sid], sid
+
+
+async def test_a_pooled_connection_caught_in_a_shutdown_is_postgres_unavailable(manager: SessionManager,
+                                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                                 ) -> None:
+    """The driver's error for a pooled connection its server was terminating (asyncpg#784) is the tier's named
+    PostgresUnavailable, every time (the test below meets it only when a stop lands in its window)."""
+    assert manager._tiers is not None and manager._tiers.store is not None
+    store = manager._tiers.store
+
+    async def terminating(_ids: object) -> object:
+        raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+
+    monkeypatch.setattr(store, "fetch_many", terminating)
+    with pytest.raises(PostgresUnavailable, match="during get"):
+        await manager.get("never-written")
 
 
 async def test_reads_in_flight_while_postgres_shuts_down_raise_only_named_errors(
