@@ -186,11 +186,21 @@ class HotTier(KeySpace):
                      journal_version: int | None = None, stale: bool = False) -> Reply:
         """``stale``: a cleanup removes a closed session; if this call counts it out of the live counts, the
         next ``timed_out`` reports it."""
+        script, keys, args = self._remove_call(session_id, now_ms, check_cold, min_version, journal_version, stale)
+        return _replies.remove(int(await self.pipeline.evalsha(script, keys, args)))
+
+    async def remove_stale(self, session_ids: Sequence[str], now_ms: int) -> None:
+        """``remove`` of each of a cleanup's closed sessions (``check_cold``, ``stale``), in one round trip."""
+        if session_ids:
+            await self.pipeline.run_scripts([self._remove_call(sid, now_ms, True, 0, None, True)
+                                             for sid in session_ids])
+
+    def _remove_call(self, session_id: str, now_ms: int, check_cold: bool, min_version: int,
+                     journal_version: int | None, stale: bool) -> tuple[_scripts.LuaScript, list[str], list[Any]]:
         keys = self.keys(session_id)
-        args: list[Any] = [now_ms, session_id, self.persist, "1" if check_cold else "0", min_version,
-                           self.bucket_ms, "" if journal_version is None else journal_version, "1" if stale else "0"]
-        return _replies.remove(int(await self.pipeline.evalsha(_scripts.REMOVE, [keys.session, keys.dirty, keys.counts],
-                                                                args)))
+        return _scripts.REMOVE, [keys.session, keys.dirty, keys.counts], [
+            now_ms, session_id, self.persist, "1" if check_cold else "0", min_version, self.bucket_ms,
+            "" if journal_version is None else journal_version, "1" if stale else "0"]
 
     # -- read-through and recovery ------------------------------------------------------------------------
     def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool

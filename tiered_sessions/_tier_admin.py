@@ -47,10 +47,9 @@ async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
     ids. Each one this removes before its expiry is counted toward ``hot.timed_out``, once in the whole tier."""
     live = await tiers.hot.live_sessions(now_ms, [_codec.STATE])
     closed = [sid for sid, (state,) in live.items() if state == _codec.STATE_CODES[CLOSED]]
-    # Side by side: the pipeline sends them in one round trip, not one each. check_cold: one that left Redis
-    # since the scan expired (its bucket counts it), nothing to tombstone.
-    await asyncio.gather(*(tiers.hot.remove(sid, now_ms, check_cold=True, min_version=0, stale=True)
-                           for sid in closed))
+    # In one round trip. check_cold: one that left Redis since the scan expired (its bucket counts it), nothing
+    # to tombstone.
+    await tiers.hot.remove_stale(closed, now_ms)
     return closed
 
 
