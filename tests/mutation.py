@@ -38,6 +38,8 @@ class Mutant:
     tests: tuple[str, ...]  # pytest selections that must fail
 
 
+_RECOVERY_TEST = "tests/test_write_behind.py::test_recovery_keeps_what_redis_holds_and_counts_each_live_session_once"
+
 MUTANTS = (
     Mutant("upsert-no-version-guard", "a late or duplicate flush cannot regress a row",
            "tiered_sessions/sql/upsert_batch.sql", "    WHERE s.version < excluded.version\n",
@@ -176,6 +178,12 @@ MUTANTS = (
            "deploy/prometheus/alerts.yml", "expr: sum(rate(tiered_sessions_flush_errors_total[2m])) > 0",
            "expr: sum(rate(tiered_sessions_flush_errors_total[1h])) > 0",
            ("tests/test_alerts_live.py::test_a_postgres_outage_fires_the_flush_alerts_and_they_resolve",)),
+    Mutant("recovery-overwrites-redis", "recovery keeps a copy Redis already holds (a write got there first)",
+           "tiered_sessions/lua/warm_page.lua", "if redis.call('EXISTS', KEYS[k]) == 0 then", "if true then",
+           (_RECOVERY_TEST,)),
+    Mutant("recovery-uncounted", "each session recovery puts back is counted live once",
+           "tiered_sessions/lua/warm_page.lua", "if counted ~= 0 then redis.call('HINCRBY', KEYS[1], 'n', counted) end",
+           "", (_RECOVERY_TEST,)),
     Mutant("closed-removal-uncounted", "cleanup_stale_sessions() counts the closed sessions it removes",
            "tiered_sessions/lua/remove.lua", "-1) and ARGV[8] == '1' then", "-1) and false then",
            ("tests/test_cleanup_count.py",)),

@@ -222,6 +222,29 @@ async def test_recover_all_sessions_after_flushall(settings: Settings, pg: async
     assert len(await pg_rows(pg, settings)) == 250
 
 
+async def test_recovery_keeps_what_redis_holds_and_counts_each_live_session_once(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    # Two partitions of about 150 sessions each: a partition's page goes out as more than one warm_page.lua
+    # call (WARM_PAGE_SESSIONS).
+    settings = dataclasses.replace(settings, partitions=2)
+    async with SessionManager(settings=settings) as manager:
+        ids = [(await manager.ensure(data={"i": i})).session_id for i in range(300)]
+        await manager.update(ids[2], closed=True)  # closed: live until it times out, so counted
+        await manager.flush()
+        await redis.flushall()
+        await manager.update(ids[1], data={"i": "newer"})  # read through, then written: Redis's copy is newer
+        recovered = await manager.recover_all_sessions()
+        assert recovered == 299
+        hot = manager.flusher.hot
+        assert await redis.hget(hot.keys(ids[1]).session, "d:i") == b'"newer"'
+        assert await hot.live_count(int(time.time() * 1000)) == 300
+    async with SessionManager(settings=settings) as fresh:
+        for i, sid in enumerate(ids):
+            session = await fresh.get(sid)
+            assert session is not None and session.data == {"i": "newer" if i == 1 else i}
+            assert session.state == ("closed" if i == 2 else "active")
+
+
 async def test_close_drains_and_run_flusher_false_leaves_work_for_a_flusher(settings: Settings,
                                                                             pg: asyncpg.Connection) -> None:
     manager = SessionManager(settings=settings, run_flusher=False)

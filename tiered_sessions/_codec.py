@@ -8,12 +8,14 @@ the whole document for Postgres by concatenating the stored JSON values without 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 import re
 import time
 import zlib
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -37,6 +39,7 @@ FOLDED: Final = b"jv"  # newest Postgres version this copy includes (journal rep
 # writes activity rows (claim.lua); set by ack.lua, removed by every other write (update, rotate, redirty).
 KEPT: Final = b"k"
 ATTRIBUTE_FIELDS: Final = {"user_id": b"u", "user_type": b"ut", "ip_address": b"ip", "user_agent": b"ua"}
+_USER_ID, _USER_TYPE, _IP_ADDRESS, _USER_AGENT = ATTRIBUTE_FIELDS.values()
 DATA_PREFIX: Final = "d:"
 META_PREFIX: Final = "m:"
 
@@ -191,19 +194,46 @@ def flatten(pairs: list[tuple[bytes, bytes]]) -> list[bytes]:
     return [item for pair in pairs for item in pair]
 
 
-def hash_from_record(record: ColdRecord) -> tuple[list[bytes | str | int], int]:
-    """A live row from Postgres as hash field/value pairs for warm.lua, and its expiry in ms."""
-    documents = split_document(orjson.loads(record.data_json), DATA_PREFIX)
-    documents += split_document(orjson.loads(record.metadata_json), META_PREFIX)
-    expires_ms = ms(record.expires_at)
+class WarmHash(NamedTuple):  # a tuple: recovery builds one per row
+    """A live row from Postgres as warm.lua and warm_page.lua take it: hash field/value pairs, its expiry in ms
+    and its state code (also among the pairs)."""
+
+    pairs: list[bytes | str | int]
+    expires_ms: int
+    state: bytes
+
+
+def hash_from_row(row: Iterable[Any]) -> WarmHash:
+    """A live row from Postgres, its columns in ColdRecord's order (select_columns.sql), as the hash Redis
+    keeps of it. (Recovery builds one per row: no record in between, one pass, the size summed on the way as
+    ``stored_size`` counts it.)"""
+    (_, data_json, state_name, user_id, user_type, ip_address, user_agent, created_at, last_activity, expires_at,
+     request_count, total_duration_ms, metadata_json, version) = row
+    expires_ms = int(expires_at * 1000)
+    state = STATE_CODES.get(state_name, b"a")
     pairs: list[bytes | str | int] = [
-        VERSION, record.version, STATE, STATE_CODES.get(record.state, b"a"), CREATED, ms(record.created_at),
-        LAST_ACTIVITY, ms(record.last_activity), EXPIRES, expires_ms, REQUESTS, record.request_count,
-        DURATION, record.total_duration_ms, SIZE, stored_size(documents), FOLDED, record.version,
+        VERSION, version, STATE, state, CREATED, int(created_at * 1000), LAST_ACTIVITY, int(last_activity * 1000),
+        EXPIRES, expires_ms, REQUESTS, request_count, DURATION, total_duration_ms, FOLDED, version,
     ]
-    for name, field in ATTRIBUTE_FIELDS.items():
-        value = getattr(record, name)
+    for field, value in ((_USER_ID, user_id), (_USER_TYPE, user_type), (_IP_ADDRESS, ip_address),
+                         (_USER_AGENT, user_agent)):
         if value is not None:
             pairs += (field, value)
-    pairs += flatten(documents)
-    return pairs, expires_ms
+    size = 0
+    for prefix, document in ((DATA_PREFIX, data_json), (META_PREFIX, metadata_json)):
+        if document == "{}":
+            continue
+        for key, value in orjson.loads(document).items():
+            name = (prefix + key).encode()
+            encoded = orjson.dumps(value)
+            size += len(name) + len(encoded)
+            pairs += (name, encoded)
+    pairs += (SIZE, size)
+    return WarmHash(pairs, expires_ms, state)
+
+
+_RECORD_COLUMNS = operator.attrgetter(*(field.name for field in dataclasses.fields(ColdRecord)))
+
+
+def hash_from_record(record: ColdRecord) -> WarmHash:
+    return hash_from_row(_RECORD_COLUMNS(record))

@@ -78,8 +78,7 @@ class DeadLetters:
                 log.warning("dead letter %s is a quarantined key, not a row: inspect it, then drop it", sid)
                 continue
             if not (await self.hot.redirty([sid], now_ms))[0]:
-                pairs, expires_ms = hash_from_record(ColdRecord(*letters[sid].row))
-                await self.hot.warm(sid, expires_ms, pairs)
+                await self.hot.warm(sid, hash_from_record(ColdRecord(*letters[sid].row)))
                 await self.hot.redirty([sid], now_ms)
             await self.hot.forget_dead_letter(sid)
             log.info("dead letter %s replayed: dirty again", sid)

@@ -18,6 +18,9 @@ from ._redis_client import RedisClient, executed
 from ._replies import Reply
 from .config import Settings
 
+# The most sessions one warm_page.lua call writes: a bound on how long recovery holds Redis at a time.
+WARM_PAGE_SESSIONS = 128
+
 
 class DirtyEntry(NamedTuple):  # a tuple: a pass builds thousands, a frozen dataclass is slower to build
     """A claimed dirty session: its row for Postgres as JSON (built by claim.lua), or version 0, kind "gone"
@@ -203,24 +206,33 @@ class HotTier(KeySpace):
             "" if journal_version is None else journal_version, "1" if stale else "0"]
 
     # -- read-through and recovery ------------------------------------------------------------------------
-    def _warm_call(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int], reply: bool
-                   ) -> tuple[_scripts.LuaScript, list[str], list[Any]]:
+    async def warm(self, session_id: str, row: _codec.WarmHash) -> tuple[bool, dict[bytes, bytes]]:
+        """Put a session read from Postgres into Redis unless Redis has it; returns whether it was written,
+        and the hash Redis now holds (its own copy, when that won)."""
         keys = self.keys(session_id)
-        return _scripts.WARM, [keys.session, keys.counts], [session_id, expires_ms, "1" if reply else "0",
-                                                           _codec.now_ms(), self.bucket_ms, *pairs]
-
-    async def warm(self, session_id: str, expires_ms: int, pairs: Sequence[bytes | str | int]
-                   ) -> tuple[bool, dict[bytes, bytes]]:
-        script, keys, args = self._warm_call(session_id, expires_ms, pairs, reply=True)
-        reply = await self.pipeline.evalsha(script, keys, args)
+        reply = await self.pipeline.evalsha(_scripts.WARM, [keys.session, keys.counts], [
+            session_id, row.expires_ms, "1", _codec.now_ms(), self.bucket_ms, *row.pairs])
         return bool(reply[0]), pairs_to_dict(reply[1])
 
-    async def warm_many(self, sessions: Iterable[tuple[str, int, Sequence[bytes | str | int]]]) -> int:
-        """Warm many sessions in one round trip; returns how many were written (absent before)."""
-        calls = [self._warm_call(session_id, expires_ms, pairs, reply=False)
-                 for session_id, expires_ms, pairs in sessions]
+    async def warm_page(self, rows: Iterable[tuple[str, _codec.WarmHash]]) -> int:
+        """Recovery: put sessions read from Postgres into Redis, each unless Redis has it, in one round trip
+        (a warm_page.lua call per partition and at most ``WARM_PAGE_SESSIONS`` sessions); returns how many
+        were written."""
+        calls: list[tuple[_scripts.LuaScript, list[str], list[Any]]] = []
+        open_calls: dict[int, tuple[list[str], list[Any]]] = {}
+        now_ms = _codec.now_ms()
+        for session_id, row in rows:
+            partition = partition_of(session_id, self.partitions)
+            call = open_calls.get(partition)
+            if call is None or len(call[0]) > WARM_PAGE_SESSIONS:
+                call = open_calls[partition] = ([self.counts_key(partition)], [now_ms, self.bucket_ms])
+                calls.append((_scripts.WARM_PAGE, *call))
+            keys, args = call
+            keys.append(self._partition_keys[partition][0] + session_id)
+            args += (row.expires_ms, row.state, len(row.pairs))
+            args += row.pairs
         replies = await self.pipeline.run_scripts(calls)
-        return sum(int(reply[0]) for reply in replies)
+        return sum(replies)
 
     # -- flusher ------------------------------------------------------------------------------------------
     async def claim(self, partition: int, limit: int, max_score_ms: int, now_ms: int) -> list[DirtyEntry]:

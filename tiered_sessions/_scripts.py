@@ -26,6 +26,7 @@ ENSURE = LuaScript("ensure", uses=("live_counts",))
 UPDATE = LuaScript("update")
 REMOVE = LuaScript("remove", uses=("live_counts",))
 WARM = LuaScript("warm", uses=("live_counts",))
+WARM_PAGE = LuaScript("warm_page", uses=("live_counts",))
 CLAIM = LuaScript("claim")
 ACK = LuaScript("ack")
 REDIRTY = LuaScript("redirty")
@@ -39,5 +40,5 @@ LAYOUT = LuaScript("layout")
 QUARANTINE = LuaScript("quarantine")
 
 
-ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
+ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, WARM_PAGE, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
        LIVE_COUNT, TIMED_OUT, LAYOUT, QUARANTINE)

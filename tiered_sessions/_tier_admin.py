@@ -8,6 +8,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import asyncpg
+
 from . import _codec
 from ._tiers import Tiers
 from .model import CLOSED, ColdRecord
@@ -23,13 +25,13 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
     total = await tiers.store.count_live()
     done = written = 0
     # The next page is read from Postgres, and its hashes built, while Redis warms this one.
-    pages = aiter(tiers.store.iter_live(page_size))
+    pages = aiter(tiers.store.iter_live_rows(page_size))
     page = await _next_page(pages)
     while page is not None:
         # Not a TaskGroup: its ExceptionGroup would hide the driver error the manager names (RedisUnavailable)
         reading = asyncio.ensure_future(_next_page(pages))
         try:
-            written += await tiers.hot.warm_many(page)
+            written += await tiers.hot.warm_page(page)
         except BaseException:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
@@ -53,16 +55,12 @@ async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
     return closed
 
 
-async def _next_page(pages: AsyncIterator[list[ColdRecord]]) -> list[tuple[str, int, list[bytes | str | int]]] | None:
-    """The next page of live rows, as warm_many takes them (None after the last)."""
-    records = await anext(pages, None)
-    if records is None:
+async def _next_page(pages: AsyncIterator[list[asyncpg.Record]]) -> list[tuple[str, _codec.WarmHash]] | None:
+    """The next page of live rows, as warm_page takes them (None after the last)."""
+    rows = await anext(pages, None)
+    if rows is None:
         return None
-    page = []
-    for record in records:
-        pairs, expires_ms = _codec.hash_from_record(record)
-        page.append((record.session_id, expires_ms, pairs))
-    return page
+    return [(row[0], _codec.hash_from_row(row)) for row in rows]
 
 
 async def expire_in_postgres(tiers: Tiers, now_ms: int) -> list[ColdRecord]:

@@ -200,13 +200,18 @@ class PostgresSessionStore:
 
     async def iter_live(self, page_size: int = 1000) -> AsyncIterator[list[ColdRecord]]:
         """Every live session, a page at a time, by keyset pagination (stable under concurrent writes)."""
+        async for rows in self.iter_live_rows(page_size):
+            yield [ColdRecord(*row) for row in rows]
+
+    async def iter_live_rows(self, page_size: int = 1000) -> AsyncIterator[list[asyncpg.Record]]:
+        """As ``iter_live``, each row as read (ColdRecord's fields, in order), for work that needs no record."""
         pool = await self.ready_pool()
         after = ""
         while True:
             rows = await pool.fetch(self.sql["live_page"], after, page_size)
             if not rows:
                 return
-            yield [ColdRecord(*row) for row in rows]
+            yield rows
             after = rows[-1][0]
 
     async def user_session_ids(self, user_id: str) -> list[str]:

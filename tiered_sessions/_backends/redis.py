@@ -258,8 +258,7 @@ class RedisBackend:
             return None, 0
         if not record.is_live(time.time()):
             return None, record.version
-        pairs, expires_ms = _codec.hash_from_record(record)
-        written, fields = await self.hot.warm(sid, expires_ms, pairs)
+        written, fields = await self.hot.warm(sid, _codec.hash_from_record(record))
         metrics.READS.labels("cold" if written else "hot").inc()
         if not _is_live(fields, _codec.now_ms()):
             return None, int(fields.get(_codec.VERSION, 0))
