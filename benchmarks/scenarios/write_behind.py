@@ -58,7 +58,7 @@ async def drain(env: Env) -> ScenarioResult:
     finally:
         await connection.close()
     result = ScenarioResult("drain", f"flush() of {backlog} dirty sessions, rows/s end to end", figures)
-    result.targets = [Target("≥ 0.6x raw asyncpg unnest upsert rate", result.ratios["raw unnest upsert"], 0.6, True)]
+    result.targets = [Target("≥ 0.9x raw asyncpg unnest upsert rate", result.ratios["raw unnest upsert"], 0.9, True)]
     result.extra = {"backlog": backlog, "seconds": {name: round(f.seconds, 3) for name, f in figures.items()}}
     return result
 
