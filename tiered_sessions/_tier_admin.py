@@ -24,24 +24,39 @@ async def recover(tiers: Tiers, progress: Callable[[int, int], None] | None, pag
         return 0
     total = await tiers.store.count_live()
     done = written = 0
-    # The next page is read from Postgres, and its hashes built, while Redis warms this one.
+    # Three pages at once: the next one read from Postgres and its hashes built, this one sent to Redis, and
+    # the one before still being written there, so that neither server waits for this process.
+    # Plain tasks, not a TaskGroup: its ExceptionGroup would hide the driver error the manager names.
     pages = aiter(tiers.store.iter_live_rows(page_size))
     page = await _next_page(pages)
+    warming: asyncio.Future[int] | None = None
+    warming_size = 0
     while page is not None:
-        # Not a TaskGroup: its ExceptionGroup would hide the driver error the manager names (RedisUnavailable)
         reading = asyncio.ensure_future(_next_page(pages))
+        previous, previous_size = warming, warming_size
+        warming, warming_size = asyncio.ensure_future(tiers.hot.warm_page(page)), len(page)
         try:
-            written += await tiers.hot.warm_page(page)
+            if previous is not None:
+                written += await previous
+                done += previous_size
+                _report(progress, done, total)
+            page = await reading
         except BaseException:
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
+            for task in (reading, warming):
+                task.cancel()
+            await asyncio.gather(reading, warming, return_exceptions=True)
             raise
-        done += len(page)
-        if progress is not None:
-            progress(done, max(total, done))
-        page = await reading
+    if warming is not None:
+        written += await warming
+        done += warming_size
+        _report(progress, done, total)
     log.info("recovered %d sessions into Redis (%d live in Postgres)", written, done)
     return written
+
+
+def _report(progress: Callable[[int, int], None] | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, max(total, done))
 
 
 async def remove_closed(tiers: Tiers, now_ms: int) -> list[str]:
