@@ -188,6 +188,26 @@ async def test_cold_read_restores_remaining_ttl_and_counts(settings: Settings, r
         assert session.request_count == 2
 
 
+async def test_a_cold_read_serves_what_redis_then_holds(settings: Settings, redis: aioredis.Redis) -> None:
+    # The read-through builds what it serves from the row it wrote into Redis, not from a second read of it.
+    data = {"name": "Zoë 🎉", "nested": {"list": [1, 2.5, None, True]}, "big": 2**62, "quote": 'a"b\\c'}
+    async with SessionManager(settings=settings) as manager:
+        await manager.ensure("exact", data=data, user_id="u-1", user_type="admin", ip_address="2001:db8::1",
+                             user_agent="Agent/1.0 (ü)")
+        await manager.update("exact", metadata={"m": {"k": "v"}})
+        await manager.update_activity("exact", request_duration_ms=7)
+        await manager.flush()
+    await redis.flushall()
+    async with SessionManager(settings=settings) as cold:
+        served = await cold.get("exact")
+    async with SessionManager(settings=settings) as hot:
+        held = await hot.get("exact")  # from Redis: the read-through put it there
+    assert served is not None and held is not None
+    assert dataclasses.asdict(served) == dataclasses.asdict(held)
+    assert served.data == data and served.metadata == {"m": {"k": "v"}} and served.user_agent == "Agent/1.0 (ü)"
+    assert served.request_count == 1 and served.total_duration_ms == 7 and served.version >= 3
+
+
 async def test_update_activity_and_update_after_flushall_read_through(settings: Settings,
                                                                       redis: aioredis.Redis) -> None:
     async with SessionManager(settings=settings) as manager:

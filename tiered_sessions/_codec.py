@@ -202,6 +202,17 @@ class WarmHash(NamedTuple):  # a tuple: recovery builds one per row
     expires_ms: int
     state: bytes
 
+    def as_fields(self) -> dict[bytes, bytes]:
+        """The pairs as HGETALL gives the hash back (numbers and text as Redis stores them)."""
+        it = iter(self.pairs)
+        return {_stored(field): _stored(value) for field, value in zip(it, it, strict=True)}
+
+
+def _stored(value: bytes | str | int) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return (value if isinstance(value, str) else str(value)).encode()
+
 
 def hash_from_row(row: Iterable[Any]) -> WarmHash:
     """A live row from Postgres, its columns in ColdRecord's order (select_columns.sql), as the hash Redis

@@ -211,8 +211,10 @@ class HotTier(KeySpace):
         and the hash Redis now holds (its own copy, when that won)."""
         keys = self.keys(session_id)
         reply = await self.pipeline.evalsha(_scripts.WARM, [keys.session, keys.counts], [
-            session_id, row.expires_ms, "1", _codec.now_ms(), self.bucket_ms, *row.pairs])
-        return bool(reply[0]), pairs_to_dict(reply[1])
+            session_id, row.expires_ms, _codec.now_ms(), self.bucket_ms, *row.pairs])
+        if reply[0]:  # written: Redis holds the pairs sent, as it would give them back
+            return True, row.as_fields()
+        return False, pairs_to_dict(reply[1])
 
     async def warm_page(self, rows: Iterable[tuple[str, _codec.WarmHash]]) -> int:
         """Recovery: put sessions read from Postgres into Redis, each unless Redis has it, in one round trip
