@@ -40,6 +40,9 @@ FOLDED: Final = b"jv"  # newest Postgres version this copy includes (journal rep
 KEPT: Final = b"k"
 ATTRIBUTE_FIELDS: Final = {"user_id": b"u", "user_type": b"ut", "ip_address": b"ip", "user_agent": b"ua"}
 _USER_ID, _USER_TYPE, _IP_ADDRESS, _USER_AGENT = ATTRIBUTE_FIELDS.values()
+# Of the fields hash_from_row writes: those it gives as numbers, and those as text (the rest are bytes)
+_NUMBER_FIELDS: Final = (VERSION, CREATED, LAST_ACTIVITY, EXPIRES, REQUESTS, DURATION, FOLDED, SIZE)
+_TEXT_FIELDS: Final = tuple(ATTRIBUTE_FIELDS.values())
 DATA_PREFIX: Final = "d:"
 META_PREFIX: Final = "m:"
 
@@ -204,14 +207,13 @@ class WarmHash(NamedTuple):  # a tuple: recovery builds one per row
 
     def as_fields(self) -> dict[bytes, bytes]:
         """The pairs as HGETALL gives the hash back (numbers and text as Redis stores them)."""
-        it = iter(self.pairs)
-        return {_stored(field): _stored(value) for field, value in zip(it, it, strict=True)}
-
-
-def _stored(value: bytes | str | int) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return (value if isinstance(value, str) else str(value)).encode()
+        fields: dict[Any, Any] = dict(zip(self.pairs[::2], self.pairs[1::2], strict=True))  # names are bytes
+        for field in _NUMBER_FIELDS:
+            fields[field] = b"%d" % fields[field]
+        for field in _TEXT_FIELDS:
+            if field in fields:
+                fields[field] = fields[field].encode()
+        return fields
 
 
 def hash_from_row(row: Iterable[Any]) -> WarmHash:

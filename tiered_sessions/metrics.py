@@ -22,7 +22,7 @@ it per scrape); a drain or a one-off ``flush()`` leaves them alone, so no proces
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -130,8 +130,8 @@ for _kind in FLUSH_ERROR_KINDS:
     FLUSH_ERRORS.labels(_kind)
 for _task in TASKS:
     TASK_RESTARTS.labels(_task)
-for _tier in ("hot", "cold", "miss"):
-    READS.labels(_tier)
+# Bound once: a labels() lookup on every read would cost the hot path a lock and a dict lookup.
+READS_BY_TIER: Final = {tier: READS.labels(tier) for tier in ("hot", "cold", "miss")}
 for _kind in ("created", "removed", "expired"):
     EVENT_ERRORS.labels(_kind)
 

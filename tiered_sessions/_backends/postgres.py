@@ -40,7 +40,7 @@ class PostgresBackend:
 
     async def get(self, session_id: str) -> Session | None:
         record = await self._load(session_id)
-        metrics.READS.labels("cold" if record else "miss").inc()
+        metrics.READS_BY_TIER["cold" if record else "miss"].inc()
         return None if record is None else record.to_session()
 
     async def touch(self, session_id: str, duration_ms: int, held: Session | None) -> bool:

@@ -84,18 +84,18 @@ class RedisBackend:
             raise SessionLimitExceeded(f"Maximum concurrent sessions ({limit}) reached: {reply.value} live sessions")
         assert reply.fields is not None
         if reply.status is Status.EXISTING:
-            metrics.READS.labels("hot").inc()
+            metrics.READS_BY_TIER["hot"].inc()
         return _codec.session_from_hash(session_id, reply.fields), reply.status is Status.CREATED
 
     @_wrong_type_moved_aside
     async def get(self, session_id: str) -> Session | None:
         fields: dict[bytes, bytes] | None = await self.hot.read(session_id)
         if fields:
-            metrics.READS.labels("hot").inc()
+            metrics.READS_BY_TIER["hot"].inc()
         elif self.persist:
             fields, _ = await self.read_through(session_id)
         if not fields or not _is_live(fields, _codec.now_ms()):
-            metrics.READS.labels("miss").inc()  # absent, removed or expired: nothing served
+            metrics.READS_BY_TIER["miss"].inc()  # absent, removed or expired: nothing served
             return None
         return _codec.session_from_hash(session_id, fields)
 
@@ -259,7 +259,7 @@ class RedisBackend:
         if not record.is_live(time.time()):
             return None, record.version
         written, fields = await self.hot.warm(sid, _codec.hash_from_record(record))
-        metrics.READS.labels("cold" if written else "hot").inc()
+        metrics.READS_BY_TIER["cold" if written else "hot"].inc()
         if not _is_live(fields, _codec.now_ms()):
             return None, int(fields.get(_codec.VERSION, 0))
         return fields, record.version
