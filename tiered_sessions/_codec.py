@@ -45,6 +45,7 @@ _NUMBER_FIELDS: Final = (VERSION, CREATED, LAST_ACTIVITY, EXPIRES, REQUESTS, DUR
 _TEXT_FIELDS: Final = tuple(ATTRIBUTE_FIELDS.values())
 DATA_PREFIX: Final = "d:"
 META_PREFIX: Final = "m:"
+_D, _M = DATA_PREFIX.encode()[0], META_PREFIX.encode()[0]  # as bytes[0] gives them: ints
 
 # One-letter state codes in Redis; "removed" is the tombstone that the flusher persists.
 STATE_CODES: Final = {ACTIVE: b"a", CLOSED: b"c", REMOVED: b"x"}
@@ -162,24 +163,29 @@ def session_from_hash(session_id: str, fields: Mapping[bytes, bytes]) -> Session
     data: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     for key, value in fields.items():
-        if key.startswith(b"d:"):
-            data[key[2:].decode()] = orjson.loads(value)
-        elif key.startswith(b"m:"):
-            metadata[key[2:].decode()] = orjson.loads(value)
-    user_id, user_type, ip_address, user_agent = (fields[field].decode() if field in fields else None
-                                                  for field in ATTRIBUTE_FIELDS.values())
+        if key[1:2] == b":":  # d:<key> or m:<key>; no fixed field's name has a colon there
+            first = key[0]
+            if first == _D:
+                data[key[2:].decode()] = orjson.loads(value)
+            elif first == _M:
+                metadata[key[2:].decode()] = orjson.loads(value)
+    get = fields.get
+    user_id, user_type, ip_address, user_agent = get(_USER_ID), get(_USER_TYPE), get(_IP_ADDRESS), get(_USER_AGENT)
     return Session(
         session_id=session_id,
         created_at=int(fields[CREATED]) / 1000,
         last_activity=int(fields[LAST_ACTIVITY]) / 1000,
         expires_at=int(fields[EXPIRES]) / 1000,
-        state=CODE_STATES[fields.get(STATE, b"a")],
-        request_count=int(fields.get(REQUESTS, 0)),
-        total_duration_ms=int(fields.get(DURATION, 0)),
+        state=CODE_STATES[get(STATE, b"a")],
+        request_count=int(get(REQUESTS, 0)),
+        total_duration_ms=int(get(DURATION, 0)),
         data=data,
         metadata=metadata,
         version=int(fields[VERSION]),
-        user_id=user_id, user_type=user_type, ip_address=ip_address, user_agent=user_agent,
+        user_id=None if user_id is None else user_id.decode(),
+        user_type=None if user_type is None else user_type.decode(),
+        ip_address=None if ip_address is None else ip_address.decode(),
+        user_agent=None if user_agent is None else user_agent.decode(),
     )
 
 
