@@ -38,6 +38,17 @@ class Mutant:
     tests: tuple[str, ...]  # pytest selections that must fail
 
 
+_FULL_REDIS = "tests/test_full_redis.py"
+_FULL_REFUSES = _FULL_REDIS + "::test_a_write_that_would_grow_a_full_redis_is_refused_whole_and_reads_go_on"
+_FULL_DRAINS = _FULL_REDIS + "::test_a_full_redis_is_drained_by_flush_and_by_a_flusher_started_while_full"
+_ACK_ZREM = """for first = 1, #cleared, 500 do
+  redis.call('ZREM', KEYS[1], unpack(cleared, first, math.min(first + 499, #cleared)))
+end
+"""
+_ACK_SETTLE = "for _, entry in ipairs(settle) do\n"
+_ACK_FREES_FIRST = _ACK_ZREM + _ACK_SETTLE
+_ACK_GROWS_FIRST = (_ACK_SETTLE + "  if entry[4] then redis.call('HSET', entry[1], 'k', '1') end\nend\n"
+                    + _ACK_FREES_FIRST)
 _RECOVERY_TEST = "tests/test_write_behind.py::test_recovery_keeps_what_redis_holds_and_counts_each_live_session_once"
 
 MUTANTS = (
@@ -188,6 +199,30 @@ MUTANTS = (
            "tiered_sessions/_codec.py", 'fields[field] = b"%d" % fields[field]',
            'fields[field] = b"%d" % (fields[field] + 1)',
            ("tests/test_write_behind.py::test_a_cold_read_serves_what_redis_then_holds",)),
+    Mutant("full-redis-ensure-deletes-first", "a full Redis refuses a new life over a tombstone whole",
+           "tiered_sessions/lua/ensure.lua",
+           "  redis.call('HSET', KEYS[1], 'v', version)\n  redis.call('DEL', KEYS[1])", "  redis.call('DEL', KEYS[1])",
+           (_FULL_REFUSES,)),
+    Mutant("full-redis-remove-grows-first", "a remove goes through on a full Redis (it frees)",
+           "tiered_sessions/lua/remove.lua", "redis.call('DEL', KEYS[1])\nif current[4]",
+           "if current[4]", (_FULL_REFUSES,)),
+    Mutant("full-redis-reading-grows-first", "get_session_metrics() answers on a full Redis",
+           "tiered_sessions/lua/lib/live_counts.lua", "    redis.call('HDEL', counts, '')\n", "",
+           (_FULL_REDIS,)),
+    Mutant("full-redis-ack-grows-first", "flush() drains a full Redis (its acks free it)",
+           "tiered_sessions/lua/ack.lua", _ACK_FREES_FIRST, _ACK_GROWS_FIRST,
+           (_FULL_DRAINS,)),
+    Mutant("full-redis-lease-grows-first", "a flusher started while Redis is full takes its leases",
+           "tiered_sessions/lua/lease.lua", "redis.call('DEL', KEYS[1])\n", "",
+           (_FULL_DRAINS,)),
+    Mutant("full-redis-heartbeat-grows-first", "a flusher keeps its place while Redis is full",
+           "tiered_sessions/lua/heartbeat.lua",
+           "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])\nredis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])",
+           "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])\nredis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])",
+           (_FULL_DRAINS,)),
+    Mutant("full-redis-layout-rewritten", "a process starts on a full Redis (the layout is written only once)",
+           "tiered_sessions/lua/layout.lua", "  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then redis.call(",
+           "  if true then redis.call(", (_FULL_DRAINS,)),
     Mutant("closed-removal-uncounted", "cleanup_stale_sessions() counts the closed sessions it removes",
            "tiered_sessions/lua/remove.lua", "-1) and ARGV[8] == '1' then", "-1) and false then",
            ("tests/test_cleanup_count.py",)),

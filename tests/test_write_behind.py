@@ -254,7 +254,7 @@ async def test_recovery_keeps_what_redis_holds_and_counts_each_live_session_once
         await redis.flushall()
         await manager.update(ids[1], data={"i": "newer"})  # read through, then written: Redis's copy is newer
         recovered = await manager.recover_all_sessions()
-        assert recovered == 299
+        assert recovered == 299 and manager.flusher is not None
         hot = manager.flusher.hot
         assert await redis.hget(hot.keys(ids[1]).session, "d:i") == b'"newer"'
         assert await hot.live_count(int(time.time() * 1000)) == 300

@@ -296,12 +296,9 @@ class HotTier(KeySpace):
     async def heartbeat(self, flusher_id: str, now_ms: int, live_ms: int, forget_ms: int) -> list[str]:
         """Record that this flusher is alive; returns the ids seen within ``live_ms`` (dropping those silent
         for ``forget_ms``)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.flushers_key, {flusher_id: now_ms})
-        pipe.zremrangebyscore(self.flushers_key, "-inf", now_ms - forget_ms)
-        pipe.zrangebyscore(self.flushers_key, now_ms - live_ms, "+inf")
-        replies = await executed(pipe.execute())
-        return [member.decode() for member in replies[2]]
+        alive = await self.pipeline.evalsha(_scripts.HEARTBEAT, [self.flushers_key],
+                                            [flusher_id, now_ms, now_ms - live_ms, now_ms - forget_ms])
+        return [member.decode() for member in alive]
 
     async def leave(self, flusher_id: str) -> None:
         await self.client.zrem(self.flushers_key, flusher_id)

@@ -1,7 +1,7 @@
 """Driver failures become named errors at the manager's edge: a lost Redis connection ``RedisUnavailable``
-(and degraded mode from then on), a lost Postgres one ``PostgresUnavailable``, each logged once and counted
-with the URL's password removed; any other error passes unchanged. Every call's latency is sampled, one call
-in ``metrics.OPERATION_SAMPLE_EVERY``."""
+(and degraded mode from then on), a write a full Redis refused ``RedisFull``, a lost Postgres connection
+``PostgresUnavailable``, each logged once and counted with the URL's password removed; any other error passes
+unchanged. Every call's latency is sampled, one call in ``metrics.OPERATION_SAMPLE_EVERY``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
 from . import metrics
 from ._degraded import DegradedMode
 from ._failures import POSTGRES_TRANSIENT, REDIS_CONNECTION_ERRORS
-from ._redis_client import closed_under_the_call, is_unreachable, unavailable
+from ._redis_client import closed_under_the_call, full, is_full, is_unreachable, unavailable
 from .config import Settings, redact_message, redact_url
 from .errors import BackendUnavailable, PostgresUnavailable
 
@@ -66,6 +66,11 @@ def raise_named(edge: Edge, operation: str, exc: Exception) -> NoReturn:
         url = edge.settings.redis_url
         log.error("%s: Redis at %s failed: %s", operation, redact_url(url), redact_message(str(exc), url))
         raise unavailable(url, operation, exc) from exc
+    if is_full(exc):  # Redis answers: no degraded mode, and the write was refused whole
+        metrics.BACKEND_ERRORS.labels("redis", operation).inc()
+        log.error("%s: Redis at %s is full (maxmemory, noeviction): write refused", operation,
+                  redact_url(edge.settings.redis_url))
+        raise full(edge.settings.redis_url, operation) from exc
     if isinstance(exc, POSTGRES_TRANSIENT):
         metrics.BACKEND_ERRORS.labels("postgres", operation).inc()
         url = edge.settings.database_url

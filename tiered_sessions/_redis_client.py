@@ -8,12 +8,12 @@ from collections.abc import Awaitable
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import Settings, redact_message, redact_url
-from .errors import ConfigurationError, RedisUnavailable
+from .errors import ConfigurationError, RedisFull, RedisUnavailable
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -26,6 +26,19 @@ def is_unreachable(exc: BaseException) -> bool:
                   | SlotNotCoveredError):
         return True
     return type(exc) is RedisClusterException and isinstance(exc.__cause__, RedisConnectionError | RedisTimeoutError)
+
+def is_full(exc: BaseException) -> bool:
+    """Redis refused a write for memory: at ``maxmemory`` with ``noeviction`` (as a plain command's OOM reply,
+    or inside a script's error)."""
+    return isinstance(exc, ResponseError) and "command not allowed when used memory > 'maxmemory'" in str(exc)
+
+
+def full(url: str | None, operation: str) -> RedisFull:
+    """The named error for a write Redis refused for memory."""
+    return RedisFull(f"Redis at {redact_url(url)} refused {operation}: it is at its maxmemory and evicts nothing "
+                     "(noeviction); nothing of the call was written. Flushing gives sessions their TTL back; "
+                     "see the TieredSessionsRedisMemoryHigh runbook")
+
 
 def closed_under_the_call(exc: BaseException) -> bool:
     """redis-py's cluster client re-maps the cluster (a pipeline's retry, CLUSTERDOWN, every few MOVED) by closing

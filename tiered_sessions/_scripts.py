@@ -33,6 +33,7 @@ REDIRTY = LuaScript("redirty")
 ROTATE = LuaScript("rotate")
 LEASE = LuaScript("lease")
 LEASE_RELEASE = LuaScript("lease_release")
+HEARTBEAT = LuaScript("heartbeat")
 DIRTY_OF_USER = LuaScript("dirty_of_user")
 LIVE_COUNT = LuaScript("live_count", uses=("live_counts",))
 TIMED_OUT = LuaScript("timed_out", uses=("live_counts",))
@@ -40,5 +41,5 @@ LAYOUT = LuaScript("layout")
 QUARANTINE = LuaScript("quarantine")
 
 
-ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, WARM_PAGE, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, DIRTY_OF_USER,
-       LIVE_COUNT, TIMED_OUT, LAYOUT, QUARANTINE)
+ALL = (TOUCH, ENSURE, UPDATE, REMOVE, WARM, WARM_PAGE, CLAIM, ACK, REDIRTY, ROTATE, LEASE, LEASE_RELEASE, HEARTBEAT,
+       DIRTY_OF_USER, LIVE_COUNT, TIMED_OUT, LAYOUT, QUARANTINE)

@@ -65,6 +65,12 @@ class PostgresUnavailable(BackendUnavailable):
         self.down = down
 
 
+class RedisFull(TieredSessionsError, RuntimeError):
+    """Redis refused a write: it is at its ``maxmemory`` and evicts nothing (``noeviction``, as the tier asks).
+    Nothing of that call was written; reads go on. Not ``BackendUnavailable``: Redis answers, and writing
+    around it to Postgres would outrun what the flusher can bring back once there is room."""
+
+
 class MigrationError(TieredSessionsError, RuntimeError):
     """A migration failed, or the existing table is not compatible with the sessions table."""
 

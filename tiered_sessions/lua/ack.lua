@@ -13,36 +13,35 @@ if string.sub(ARGV[4], 1, 1) == '?' then
 elseif holder ~= ARGV[4] then
   return -1
 end
--- The cleared ids leave the index in one ZREM per few hundred, not one each (unpack() of many more would
--- overflow Lua's stack)
-local cleared, pending = 0, {}
-local function clear(id)
-  cleared = cleared + 1
-  pending[#pending + 1] = id
-  if #pending == 500 then
-    redis.call('ZREM', KEYS[1], unpack(pending))
-    pending = {}
-  end
-end
+-- Reads first, then the writes, the cleared ids leaving the index first: a full Redis lets a script through
+-- whose first write frees, and an ack is what frees it (docs/reliability.md, "A full Redis").
+local cleared, settle, again = {}, {}, {}
 for i = 5, #ARGV, 3 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
   local current = redis.call('HMGET', key, 'v', 'st', 'ex')
   if not current[1] then
-    clear(id)
+    cleared[#cleared + 1] = id
   elseif current[1] == ARGV[i + 1] then
-    clear(id)
-    if current[2] == 'x' then
-      redis.call('PEXPIRE', key, ARGV[2])
-    else
-      -- before the expiry: a PEXPIREAT in the past deletes the key, and an HSET after it would recreate it
-      if ARGV[i + 2] == '1' then redis.call('HSET', key, 'k', '1') end
-      redis.call('PEXPIREAT', key, current[3])
-    end
+    cleared[#cleared + 1] = id
+    settle[#settle + 1] = {key, current[2] == 'x', current[3], ARGV[i + 2] == '1'}
   else
-    -- written again after the read: what Postgres lacks is at most as old as the read
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+    again[#again + 1] = id  -- written again after the read: what Postgres lacks is at most as old as the read
   end
 end
-if #pending > 0 then redis.call('ZREM', KEYS[1], unpack(pending)) end
-return cleared
+-- One ZREM per few hundred ids, not one each (unpack() of many more would overflow Lua's stack)
+for first = 1, #cleared, 500 do
+  redis.call('ZREM', KEYS[1], unpack(cleared, first, math.min(first + 499, #cleared)))
+end
+for _, entry in ipairs(settle) do
+  local key, tombstone, expires, kept = entry[1], entry[2], entry[3], entry[4]
+  if tombstone then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    -- before the expiry: a PEXPIREAT in the past deletes the key, and an HSET after it would recreate it
+    if kept then redis.call('HSET', key, 'k', '1') end
+    redis.call('PEXPIREAT', key, expires)
+  end
+end
+for _, id in ipairs(again) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+return #cleared

@@ -5,6 +5,9 @@
 --       over the limit: a Redis Cluster cannot count other partitions' slots here), size, bucket_ms (of the
 --       live counts), then field/value pairs
 -- Returns {1, hash...} existing, {2, hash...} created, {0} miss (caller reads Postgres first), {-1, count} over limit
+-- At maxmemory (noeviction) Redis refuses a script's first write if it may grow memory, and lets every write
+-- after a first one through (to keep the script atomic): a script that grows memory starts with such a write,
+-- never with a DEL, so that a full Redis refuses it whole (RedisFull).
 local now = tonumber(ARGV[1])
 local bucket_ms = tonumber(ARGV[9])
 local current = redis.call('HMGET', KEYS[1], 'st', 'ex', 'v')
@@ -21,7 +24,10 @@ if max_sessions > 0 then
 end
 local version = math.max(tonumber(current[3]) or 0, tonumber(ARGV[6])) + 1
 local expires = now + tonumber(ARGV[2])
-redis.call('DEL', KEYS[1])
+if current[1] or current[3] then  -- a new life over a tombstone or an expired copy: the HSET first
+  redis.call('HSET', KEYS[1], 'v', version)
+  redis.call('DEL', KEYS[1])
+end
 redis.call('HSET', KEYS[1], 'v', version, 'st', 'a', 'c', ARGV[1], 'la', ARGV[1], 'ex', expires,
   'rc', 0, 'td', 0, 'sz', ARGV[8])
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end

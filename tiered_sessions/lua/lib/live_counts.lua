@@ -44,6 +44,9 @@ local function live_count(counts, bucket_ms, now)
   local current = math.floor(now / bucket_ms)
   local lo = live_floor(counts)
   if lo < current then
+    -- Bookkeeping a full Redis must let through (readings, the session limit): the first write frees
+    -- (docs/reliability.md, "A full Redis")
+    redis.call('HDEL', counts, '')
     local dropped = 0
     if current - lo > 2 * fields then  -- a long gap since the last drop: look at the buckets there are
       local flat = redis.call('HGETALL', counts)
