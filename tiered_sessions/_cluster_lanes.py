@@ -21,12 +21,12 @@ from typing import Any, Final
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ._failures import REDIS_CONNECTION_ERRORS
 from ._pipelined_connection import PipelinedConnection, pack
