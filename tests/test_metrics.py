@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from tiered_sessions.embedded import PostgresServer
 from tiered_sessions.migrate import migrate
 
 from .helpers import until
-from .ops_helpers import Samples, env_for, flusher, get, get_json, parse, promtool, run, total, value, wait_for
+from .ops_helpers import Flusher, Samples, env_for, flusher, get, get_json, parse, promtool, run, total, value, wait_for
 
 
 async def test_flusher_serves_metrics_health_and_readiness(settings: Settings) -> None:
@@ -346,3 +347,39 @@ async def test_a_load_visitor_that_dies_ends_the_run_instead_of_vanishing(settin
         load = Load(manager, rate=100, sessions=10, concurrency=2)
         with pytest.raises(RuntimeError, match="visitor died"):
             await asyncio.wait_for(load.run(asyncio.Event()), 10)
+
+
+async def test_a_flusher_draining_with_postgres_hung_says_so_and_exits_within_its_bounds(
+        redis_url: str, own_postgres: PostgresServer) -> None:
+    """SIGTERM while PostgreSQL hangs: while the flusher drains, /readyz says it is stopping (not that Redis
+    failed), /metrics serves live gauges and counts no Redis error; the process exits once the drain timeout and
+    one socket timeout to close its connections have passed, leaving the sessions dirty for the next flusher."""
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix=f"stop{uuid.uuid4().hex[:8]}",
+                        max_concurrent_sessions=None, socket_timeout_secs=3)
+    await migrate(settings)
+    async with flusher(settings, "--flush-interval", "3600", "--drain-timeout", "8") as process:
+        async with SessionManager(settings=settings, run_flusher=False) as writer:
+            for n in range(20):
+                await writer.ensure(data={"n": n})
+        own_postgres.pause()
+        try:
+            process.process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            await wait_for(lambda: _logged(process, "stopping: draining"), "the flusher to start draining")
+            status, body = await get_json(process.port, "/readyz")
+            assert status == 503 and body.get("stopping") is True and body["redis"] == "ok", body
+            samples, _ = await process.samples()
+            assert value(samples, "tiered_sessions_backend_errors_total", backend="redis", operation="metrics") == 0
+            assert total(samples, "tiered_sessions_dirty_sessions") == 20
+            # Each request waits out the Postgres check (3 s) within the drain (8 s)
+            async with asyncio.timeout(8 + 3 + 3 + 4):  # the drain, the pass it ends, closing Postgres, slack
+                await process.process.wait()
+            assert time.monotonic() - stopped < 8 + 3 + 3 + 4
+        finally:
+            own_postgres.resume()
+    async with SessionManager(settings=settings) as successor:
+        assert await successor.flush() == 0
+
+
+async def _logged(process: Flusher, text: str) -> bool:
+    return any(text in line for line in process.log)

@@ -7,7 +7,8 @@
 * ``/healthz``: 200 while the process, its event loop and every supervised background task (the flush loop
   first) are alive; 503 naming the tasks that died and wait to be restarted.
 * ``/readyz``: 200 when Redis and PostgreSQL answer and the flush lag is at most ``ready_max_lag`` seconds,
-  else 503; the JSON body says which check failed.
+  else 503; the JSON body says which check failed. While the process drains on its way out it is 503 with
+  ``"stopping": true``, and the other checks (and ``/metrics``) still report the tier as it drains.
 
 A flusher whose layout the tier refuses (``LayoutMismatch``) serves them in ``refused`` mode until stopped:
 503 on ``/healthz`` and ``/readyz`` naming the difference, ``tiered_sessions_layout_refused`` 1 on ``/metrics``,
@@ -161,7 +162,10 @@ class OpsServer:
         down = self.manager.worker.down()
         if down:
             checks["down"] = down
-        ready = checks["redis"] == "ok" and postgres in ("ok", "not used") and "flush_lag" not in checks and not down
+        if self.manager.stopping:  # draining on the way out: no new work should come here
+            checks["stopping"] = True
+        ready = (checks["redis"] == "ok" and postgres in ("ok", "not used") and "flush_lag" not in checks
+                 and not down and not self.manager.stopping)
         metrics.READY.set(1 if ready else 0)
         return (200 if ready else 503), {"ready": ready, **checks}
 

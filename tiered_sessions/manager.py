@@ -81,7 +81,8 @@ class SessionManager:
         self._redis: RedisBackend | None = None
         self._postgres: PostgresBackend | None = None
         self._start_lock = asyncio.Lock()
-        self._closed = False
+        self._closed = False  # close() or terminate() called: calls are refused
+        self._stopped = False  # and they have closed the connections
 
     @property
     def store(self) -> PostgresSessionStore | None:
@@ -92,6 +93,11 @@ class SessionManager:
     def flusher(self) -> Flusher | None:
         """This manager's flusher (None before start and without persistence)."""
         return None if self._tiers is None else self._tiers.flusher
+
+    @property
+    def stopping(self) -> bool:
+        """True while ``close()`` drains (or ``terminate()`` ends): calls are refused, readings still answer."""
+        return self._closed and not self._stopped and self._tiers is not None
 
     @property
     def backlog(self) -> int:
@@ -128,14 +134,20 @@ class SessionManager:
         Redis for a flusher."""
         if not await self._mark_closed():
             return
-        await self.worker.stop(self._tiers, self.events)
+        try:
+            await self.worker.stop(self._tiers, self.events)
+        finally:
+            self._stopped = True
 
     async def terminate(self) -> None:
         """Stop now, as asyncpg's ``terminate()``: cancel background work, close connections, drain nothing
         (what is dirty stays in Redis for the next flusher; nothing acknowledged is lost)."""
         if not await self._mark_closed():
             return
-        await self.worker.terminate(self._tiers, self.events)
+        try:
+            await self.worker.terminate(self._tiers, self.events)
+        finally:
+            self._stopped = True
 
     async def _mark_closed(self) -> bool:
         """Refuse calls from now on; False if closed already. Waits for a start under way, so its tiers are
@@ -321,8 +333,8 @@ class SessionManager:
 
     async def tier_reading(self) -> TierReading:
         """Lag, backlog, live sessions and stored dead letters of the whole tier, as Redis says now (what
-        ``metrics.refresh`` exports)."""
-        tiers = await self._open()
+        ``metrics.refresh`` exports); while ``close()`` drains too, when they are what is watched."""
+        tiers = self._tiers if self.stopping and self._tiers is not None else await self._open()
         return await tiers.hot.reading(_codec.now_ms(), dead_letters=True)
 
     # -- rotation, per-user index, events -----------------------------------------------------------------
