@@ -21,7 +21,7 @@ from tiered_sessions.embedded import PostgresServer, RedisServer
 from tiered_sessions.errors import BackendUnavailable, PostgresUnavailable
 from tiered_sessions.migrate import migrate
 
-from .helpers import pg_rows, touch_load
+from .helpers import pg_rows, touch_load, until
 from .test_cli import _env
 
 
@@ -214,3 +214,34 @@ async def test_recovery_that_loses_redis_raises_the_named_error(own_redis: Redis
             await manager.recover_all_sessions(page_size=10)
         own_redis.start()
 
+
+
+async def test_a_read_through_that_fails_after_its_caller_gave_up_is_logged_and_counted(
+        redis_url: str, own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The load a miss starts outlives a caller that gives up (its other callers share it); if it then fails,
+    no caller reports it, so the load itself does (once), instead of dropping the error."""
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix="gaveup",
+                        max_concurrent_sessions=None, socket_timeout_secs=1)
+    await migrate(settings)
+
+    def failed_loads() -> float:
+        return REGISTRY.get_sample_value("tiered_sessions_backend_errors_total",
+                                         {"backend": "postgres", "operation": "read_through"}) or 0.0
+
+    async with SessionManager(settings=settings, run_flusher=False) as manager:
+        await manager.ensure("cold-one")
+        assert await manager.flush() == 0
+        await manager.flusher.hot.delete("cold-one")  # type: ignore[union-attr]  # Redis lost it: a miss
+        before = failed_loads()
+        own_postgres.pause()  # the load's query waits out its 1 s timeout
+        try:
+            reader = asyncio.create_task(manager.get("cold-one"))
+            await asyncio.sleep(0.2)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            await until(lambda: failed_loads() == before + 1, timeout=5)
+        finally:
+            own_postgres.resume()
+        assert sum("read-through of session cold-one failed" in r.getMessage() for r in caplog.records) == 1
+        assert (await manager.get("cold-one")) is not None  # a later miss loads it afresh

@@ -156,6 +156,8 @@ class SessionManager:
             if self._closed:
                 return False
             self._closed = True
+            if self._redis is not None:
+                self._redis.loads.cancel_unwaited()  # cache fills nobody waits for
             self._redis = None  # the hot path's shortcut: calls go through _open, which refuses
             return True
 

@@ -26,6 +26,7 @@ from ..errors import SessionLimitExceeded, SessionNotFound, SessionTooLarge, Ver
 from ..model import ACTIVE, CLOSED, REMOVED, ColdRecord, Session
 from . import Census, Change, NewSession
 from ._cold_batch import ColdBatch
+from ._loads import Loads
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -62,7 +63,7 @@ class RedisBackend:
         self.backpressure = backpressure
         self.dead_letters = DeadLetters(hot)
         self._cold = None if store is None else ColdBatch(store)
-        self._loading: dict[str, asyncio.Task[Loaded]] = {}
+        self.loads: Loads[Loaded] = Loads()
         # Nested edits of one top-level key queue up in this process instead of racing on the same guard.
         self._edit_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -236,20 +237,9 @@ class RedisBackend:
         return missed if fields is None else await again()
 
     async def read_through(self, sid: str) -> Loaded:
-        """Load from Postgres into Redis (one loader per id in this process). Returns the hash now in Redis
-        if the session is live, else None, and the version any new life must exceed."""
-        # The load is a task of its own that every reader shields: a reader that gives up (a request timed out)
-        # cancels only its own wait, never the load the others wait on.
-        load = self._loading.get(sid)
-        if load is None:
-            load = self._loading[sid] = asyncio.get_running_loop().create_task(self._load_cold(sid))
-            load.add_done_callback(functools.partial(self._loaded, sid))
-        return await asyncio.shield(load)
-
-    def _loaded(self, sid: str, load: asyncio.Task[Loaded]) -> None:
-        del self._loading[sid]
-        if not load.cancelled():
-            load.exception()  # retrieved: a failure every reader gave up on is not reported as unhandled
+        """Load from Postgres into Redis (one load per id in this process, see ``_loads``). Returns the hash now
+        in Redis if the session is live, else None, and the version any new life must exceed."""
+        return await self.loads.load(sid, lambda: self._load_cold(sid))
 
     async def _load_cold(self, sid: str) -> Loaded:
         assert self._cold is not None
