@@ -132,33 +132,31 @@ class SessionManager:
         """Stop background work, drain what this manager's flusher owns (within ``drain_timeout_secs``),
         then close connections, whatever failed on the way. With ``run_flusher=False`` dirty sessions stay in
         Redis for a flusher."""
-        if not await self._mark_closed():
-            return
-        try:
-            await self.worker.stop(self._tiers, self.events)
-        finally:
-            self._stopped = True
+        if await self._mark_closed():
+            try:
+                await self.worker.stop(self._tiers, self.events)
+            finally:
+                self._stopped = True
 
     async def terminate(self) -> None:
         """Stop now, as asyncpg's ``terminate()``: cancel background work, close connections, drain nothing
         (what is dirty stays in Redis for the next flusher; nothing acknowledged is lost)."""
-        if not await self._mark_closed():
-            return
-        try:
-            await self.worker.terminate(self._tiers, self.events)
-        finally:
-            self._stopped = True
+        if await self._mark_closed():
+            try:
+                await self.worker.terminate(self._tiers, self.events)
+            finally:
+                self._stopped = True
 
     async def _mark_closed(self) -> bool:
-        """Refuse calls from now on; False if closed already. Waits for a start under way, so its tiers are
-        closed too."""
+        """Refuse calls from now on, end the loads nobody waits for; False if closed already. Waits for a start
+        under way, so its tiers are closed too."""
         async with self._start_lock:
             if self._closed:
                 return False
             self._closed = True
-            if self._redis is not None:
-                self._redis.loads.cancel_unwaited()  # cache fills nobody waits for
-            self._redis = None  # the hot path's shortcut: calls go through _open, which refuses
+            redis, self._redis = self._redis, None  # the hot path's shortcut: calls go through _open, which refuses
+            if redis is not None:
+                redis.loads.cancel_unwaited()
             return True
 
     async def _open(self) -> Tiers:
@@ -315,27 +313,18 @@ class SessionManager:
         backend = self._postgres if degraded is not None and degraded.active else self._redis
         assert backend is not None
         census: Census = await backend.census()
-        ages = census.ages
         return {
-            "total_sessions": census.total,
-            "active_sessions": census.active,
-            "oldest_session_age": None if ages is None else max(ages, default=0.0),
-            "newest_session_age": None if ages is None else min(ages, default=0.0),
-            "avg_session_age": None if ages is None else sum(ages) / len(ages) if ages else 0.0,
+            **census.as_metrics(),
             "persistence_enabled": self.settings.enable_persistence,
-            "dirty_sessions": census.dirty,
-            "flush_lag_seconds": census.flush_lag_seconds,
             "max_concurrent_sessions": self.settings.max_concurrent_sessions,
             "session_timeout_secs": self.settings.session_timeout_secs,
             "partitions": self.settings.partitions,
             "backpressure": not self._backpressure.open.is_set(),
-            "mode": census.mode,
             "flusher_running": self.worker.running("flusher"),
         }
 
     async def tier_reading(self) -> TierReading:
-        """Lag, backlog, live sessions and stored dead letters of the whole tier, as Redis says now (what
-        ``metrics.refresh`` exports); while ``close()`` drains too, when they are what is watched."""
+        """Lag, backlog, live sessions and dead letters of the tier now (``metrics.refresh``), also while closing."""
         tiers = self._tiers if self.stopping and self._tiers is not None else await self._open()
         return await tiers.hot.reading(_codec.now_ms(), dead_letters=True)
 

@@ -49,6 +49,20 @@ class Census:
     dirty: int | None
     flush_lag_seconds: float | None
 
+    def as_metrics(self) -> dict[str, Any]:
+        """Its part of ``get_session_metrics``: the seed's session keys, the backlog and the mode."""
+        ages = self.ages
+        return {
+            "total_sessions": self.total,
+            "active_sessions": self.active,
+            "oldest_session_age": None if ages is None else max(ages, default=0.0),
+            "newest_session_age": None if ages is None else min(ages, default=0.0),
+            "avg_session_age": None if ages is None else sum(ages) / len(ages) if ages else 0.0,
+            "dirty_sessions": self.dirty,
+            "flush_lag_seconds": self.flush_lag_seconds,
+            "mode": self.mode,
+        }
+
 
 class Backend(Protocol):
     async def ensure(self, session_id: str, fresh: bool, new: NewSession) -> tuple[Session, bool]:
