@@ -39,6 +39,7 @@ class Mutant:
 
 
 _FULL_REDIS = "tests/test_full_redis.py"
+_CLOSE_BOUND = "tests/test_promises.py::test_close_keeps_to_its_drain_timeout_while_postgres_hangs"
 _FULL_REFUSES = _FULL_REDIS + "::test_a_write_that_would_grow_a_full_redis_is_refused_whole_and_reads_go_on"
 _FULL_DRAINS = _FULL_REDIS + "::test_a_full_redis_is_drained_by_flush_and_by_a_flusher_started_while_full"
 _ACK_ZREM = """for first = 1, #cleared, 500 do
@@ -232,6 +233,12 @@ MUTANTS = (
            "tiered_sessions/_backends/_loads.py", "if error is not None and not load.waiters:",
            "if error is not None and False:",
            ("tests/test_faults.py::test_a_read_through_that_fails_after_its_caller_gave_up_is_logged_and_counted",)),
+    Mutant("close-raises-on-hung-postgres", "close() returns with PostgreSQL hung (its pool closed at once)",
+           "tiered_sessions/cold_tier.py", "except POSTGRES_TRANSIENT as exc:\n                pool.terminate()",
+           "except ZeroDivisionError as exc:\n                pool.terminate()", (_CLOSE_BOUND,)),
+    Mutant("close-phases-each-their-timeout", "close() keeps to drain_timeout_secs as a whole",
+           "tiered_sessions/_worker.py", "await events.drain(left())",
+           "await events.drain(self.settings.drain_timeout_secs)", (_CLOSE_BOUND,)),
     Mutant("closed-removal-uncounted", "cleanup_stale_sessions() counts the closed sessions it removes",
            "tiered_sessions/lua/remove.lua", "-1) and ARGV[8] == '1' then", "-1) and false then",
            ("tests/test_cleanup_count.py",)),

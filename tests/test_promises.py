@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from tiered_sessions import BackpressureError, ConfigurationError, SessionManager, Settings
 from tiered_sessions.embedded import PostgresServer
+from tiered_sessions.events import SessionEvent
 from tiered_sessions.migrate import migrate
 
 from .helpers import pg_rows, until
@@ -115,3 +116,41 @@ async def test_terminate_returns_at_once_and_leaves_the_dirty_sessions_to_the_ne
     finally:
         await connection.close()
     assert sorted(orjson.loads(rows[sid]["session_data"])["n"] for sid in ids) == list(range(5))
+
+
+async def test_close_keeps_to_its_drain_timeout_while_postgres_hangs(redis_url: str,
+                                                                     own_postgres: PostgresServer) -> None:
+    """close() with PostgreSQL hung and an event listener that never finishes: it returns (it raised asyncpg's
+    TimeoutError from closing the pool), within ``drain_timeout_secs`` for the loop's stop, the drain and the
+    events together (each had a timeout of its own), plus closing the connections: one socket timeout for a
+    statement under way, one for the pool. What it could not flush stays dirty for the next flusher."""
+    settings = Settings(redis_url=redis_url, database_url=own_postgres.url, key_prefix="closebound",
+                        max_concurrent_sessions=None, socket_timeout_secs=1, drain_timeout_secs=2,
+                        flush_interval_secs=0.05)
+    await migrate(settings)
+    manager = SessionManager(settings=settings)
+
+    @manager.on_created
+    async def never_done(event: SessionEvent) -> None:
+        await asyncio.sleep(3600)
+
+    ids = [(await manager.ensure(data={"n": n})).session_id for n in range(5)]
+    await until(lambda: manager.flusher is not None and manager.flusher.totals.acked >= 5)
+    own_postgres.pause()  # hung: the flush loop's pass and the drain each wait out their statements
+    try:
+        ids += [(await manager.ensure(data={"n": n})).session_id for n in range(5, 10)]
+        await asyncio.sleep(0.3)  # a pass is under way against the hung server
+        started = asyncio.get_running_loop().time()
+        await manager.close()
+        took = asyncio.get_running_loop().time() - started
+        assert took < 2 + 1 + 1 + 0.75, f"close() took {took:.1f}s"
+    finally:
+        own_postgres.resume()
+    async with SessionManager(settings=settings) as successor:
+        assert await successor.flush() == 0
+    connection = await asyncpg.connect(own_postgres.url)
+    try:
+        rows = await pg_rows(connection, settings)
+    finally:
+        await connection.close()
+    assert sorted(orjson.loads(rows[sid]["session_data"])["n"] for sid in ids) == list(range(10))

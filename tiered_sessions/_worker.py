@@ -14,7 +14,7 @@ from typing import Any
 
 from . import metrics
 from ._backpressure import Backpressure
-from ._failures import BACKGROUND, RETRYABLE, Failures
+from ._failures import BACKGROUND, RETRYABLE, Failures, describe
 from ._flusher import Flusher
 from ._supervisor import Supervisor, Work
 from ._tiers import Tiers
@@ -67,15 +67,21 @@ class Worker:
                 log.warning("periodic cleanup failed, will try again next interval: %s", exc)
 
     async def stop(self, tiers: Tiers | None, events: EventHub) -> None:
-        """End every task (within ``drain_timeout_secs``), drain this process's flusher (with ``run_flusher``;
-        without, dirty sessions stay in Redis for a flusher), deliver the events left, close the clients."""
-        timeout = self.settings.drain_timeout_secs
+        """End every task, drain this process's flusher (with ``run_flusher``; without, dirty sessions stay in
+        Redis for a flusher), deliver the events left, all within ``drain_timeout_secs`` together; then close
+        the clients (a server that hangs costs one socket timeout more)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_secs
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         try:
             events.stop_delivery()
-            await self.supervisor.stop(timeout)
+            await self.supervisor.stop(left())
             if tiers is not None and tiers.flusher is not None and self.settings.run_flusher:
-                await self._drain_and_release(tiers.flusher)
-            await events.drain(timeout)
+                await self._drain_and_release(tiers.flusher, left())
+            await events.drain(left())
         finally:
             if tiers is not None:
                 await tiers.close()
@@ -101,13 +107,20 @@ class Worker:
             if tiers is not None:
                 await tiers.terminate(bound)
 
-    async def _drain_and_release(self, flusher: Flusher) -> None:
-        timeout = self.settings.drain_timeout_secs
+    async def _drain_and_release(self, flusher: Flusher, timeout: float) -> None:
+        bound = asyncio.timeout(timeout)  # a statement under way at the deadline ends there too
         try:
-            left = await flusher.drain(timeout)
+            async with bound:
+                left = await flusher.drain(timeout)
         except RETRYABLE as exc:
-            metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
-            log.error("drain on close failed (%s); dirty sessions stay in Redis for the next flusher", exc)
+            if bound.expired():
+                still = await _dirty_left(flusher)
+                log.warning("close: %s sessions still dirty at the drain timeout (%.1fs); they stay in Redis for "
+                            "the next flusher", still, self.settings.drain_timeout_secs)
+            else:
+                metrics.FLUSH_ERRORS.labels(type(exc).__name__).inc()
+                log.error("drain on close failed (%s); dirty sessions stay in Redis for the next flusher",
+                          describe(exc))
         else:
             if left:
                 log.warning("close: %d sessions still dirty after %.1fs; they stay in Redis for the next "
@@ -118,3 +131,11 @@ class Worker:
             await flusher.release()  # the other flushers take our partitions now, not at lease expiry
         except RETRYABLE as exc:
             log.warning("close: could not release the flusher leases (%s); they expire by themselves", exc)
+
+
+async def _dirty_left(flusher: Flusher) -> int | str:
+    """How many sessions a drain cut short leaves dirty, for its log line ("?" if Redis does not say)."""
+    try:
+        return await flusher.hot.dirty_total()
+    except RETRYABLE:
+        return "?"

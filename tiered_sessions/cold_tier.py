@@ -14,8 +14,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from . import metrics
 from ._codec import check_json, validate_attribute, validate_session_id
-from ._failures import POSTGRES_CONNECT, POSTGRES_DOWN
+from ._failures import POSTGRES_CONNECT, POSTGRES_DOWN, POSTGRES_TRANSIENT, describe
 from ._sql import load_sql
 from .config import Settings, redact_message, redact_url
 from .errors import InvalidSessionData, MigrationError, PostgresUnavailable, SessionTooLarge
@@ -133,10 +134,18 @@ class PostgresSessionStore:
             self._pool = pool
 
     async def close(self) -> None:
-        """Close the pool gracefully: waits for the queries under way."""
+        """Close the pool gracefully: waits for the queries under way. A server that does not answer within the
+        socket timeout (hung) has its connections closed at once instead; logged and counted, not raised: the
+        store is closed either way."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                async with asyncio.timeout(self.settings.socket_timeout_secs):
+                    await pool.close()
+            except POSTGRES_TRANSIENT as exc:
+                pool.terminate()
+                metrics.BACKEND_ERRORS.labels("postgres", "close").inc()
+                log.warning("PostgreSQL did not let its connections close (%s): closed them at once", describe(exc))
 
     def terminate(self) -> None:
         """Close every connection at once, queries under way or not."""
