@@ -116,27 +116,23 @@ class PostgresSessionStore:
                 pool = await asyncpg.create_pool(
                     dsn, min_size=0, max_size=self.settings.pg_pool_max_size,
                     statement_cache_size=cache_size, command_timeout=self.settings.socket_timeout_secs,
-                    timeout=self.settings.socket_timeout_secs,
-                )
+                    timeout=self.settings.socket_timeout_secs)
                 try:
                     async with pool.acquire() as connection:
                         exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", self.table)
                 except BaseException:
-                    await pool.close()
+                    pool.terminate()  # not a graceful close: the server just failed us (it may hang)
                     raise
             except POSTGRES_CONNECT as exc:
                 raise unreachable(self.url, exc) from None
             if not exists:
                 await pool.close()
-                raise MigrationError(
-                    f"table {self.table} does not exist at {redact_url(self.url)}: run `tiered-sessions migrate`"
-                )
+                raise MigrationError(f"table {self.table} does not exist at {redact_url(self.url)}: "
+                                     "run `tiered-sessions migrate`")
             self._pool = pool
 
     async def close(self) -> None:
-        """Close the pool gracefully: waits for the queries under way. A server that does not answer within the
-        socket timeout (hung) has its connections closed at once instead; logged and counted, not raised: the
-        store is closed either way."""
+        """Close the pool gracefully (the queries under way end first); a hung server's at once (logged)."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -213,7 +209,7 @@ class PostgresSessionStore:
             yield [ColdRecord(*row) for row in rows]
 
     async def iter_live_rows(self, page_size: int = 1000) -> AsyncIterator[list[asyncpg.Record]]:
-        """As ``iter_live``, each row as read (ColdRecord's fields, in order), for work that needs no record."""
+        """As ``iter_live``, the rows as read (ColdRecord's fields, in order)."""
         pool = await self.ready_pool()
         after = ""
         while True:
