@@ -42,7 +42,7 @@ ATTRIBUTE_FIELDS: Final = {"user_id": b"u", "user_type": b"ut", "ip_address": b"
 _USER_ID, _USER_TYPE, _IP_ADDRESS, _USER_AGENT = ATTRIBUTE_FIELDS.values()
 # Of the fields hash_from_row writes: those it gives as numbers, and those as text (the rest are bytes)
 _NUMBER_FIELDS: Final = (VERSION, CREATED, LAST_ACTIVITY, EXPIRES, REQUESTS, DURATION, FOLDED, SIZE)
-_TEXT_FIELDS: Final = tuple(ATTRIBUTE_FIELDS.values())
+_TEXT_FIELDS: Final = (_USER_ID, _USER_TYPE, _IP_ADDRESS, _USER_AGENT)
 DATA_PREFIX: Final = "d:"
 META_PREFIX: Final = "m:"
 _D, _M = DATA_PREFIX.encode()[0], META_PREFIX.encode()[0]  # as bytes[0] gives them: ints
